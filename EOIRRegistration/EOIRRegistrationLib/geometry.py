@@ -1,0 +1,172 @@
+"""Physical geometry of 3D images: the boundary between array voxels and LPS millimetres.
+
+* Physical space is ITK's / DICOM's **LPS**, in millimetres (Slicer's RAS is converted in the
+  Slicer bridge only: negate x and y).
+* ``Grid`` holds an image's geometry the ITK way: ``size``, ``spacing`` and ``origin`` in index
+  order (i, j, k) = (x, y, z), and ``direction`` as a 3x3 matrix whose *columns* are the index axes'
+  unit vectors in LPS. A point is ``x = origin + direction @ diag(spacing) @ (i, j, k)``.
+* Tensors follow the spatial core's array order (k, j, i) (see ``spatial.py``), so the matrices
+  built here map **array-order** voxel coordinates ``p = (k, j, i)`` to LPS and back. They are
+  built once per grid; the network never sees origin or direction.
+* Resampling reproduces ITK's linear / nearest interpolators: a point is inside an image when its
+  continuous index lies in ``[-0.5, size - 0.5)`` on every axis (ITK's buffer test); inside, the
+  border voxels are replicated; outside, the value is 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import spatial
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Geometry of a 3D image in ITK index order (see the module docstring)."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major, columns = index axes in LPS
+
+    @staticmethod
+    def from_image(image: sitk.Image) -> "Grid":
+        if image.GetDimension() != 3:
+            raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
+        return Grid(tuple(int(s) for s in image.GetSize()), tuple(image.GetSpacing()),
+                    tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape (k, j, i) of an image on this grid."""
+        return tuple(reversed(self.size))
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def index_to_physical(self) -> np.ndarray:
+        """4x4 matrix: homogeneous ITK index (i, j, k) -> LPS mm."""
+        m = np.eye(4)
+        m[:3, :3] = self.direction_matrix @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def array_to_physical(self) -> np.ndarray:
+        """4x4 matrix: homogeneous array-order voxel (k, j, i) -> LPS mm."""
+        flip = np.eye(4)
+        flip[:3, :3] = np.eye(3)[::-1]
+        return self.index_to_physical() @ flip
+
+    def physical_to_array(self) -> np.ndarray:
+        return np.linalg.inv(self.array_to_physical())
+
+    def center(self) -> np.ndarray:
+        """LPS position of the centre of the voxel block."""
+        idx = (np.asarray(self.size, dtype=np.float64) - 1.0) / 2.0
+        return (self.index_to_physical() @ np.append(idx, 1.0))[:3]
+
+
+def working_grid(reference: Grid, spacing: Sequence[float], multiple: int = 16,
+                 min_size: int = 16) -> Grid:
+    """A grid in the reference image's frame (same direction and centre) with the given spacing,
+    covering the reference's field of view, each size padded up to a multiple of ``multiple``."""
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"working spacing must be 3 positive values (mm), got {spacing}")
+    extent = np.asarray(reference.size) * np.asarray(reference.spacing)
+    size = np.ceil(extent / np.asarray(spacing) - 1e-6).astype(int)
+    size = np.maximum(size, min_size)
+    size = (np.ceil(size / multiple) * multiple).astype(int)
+    m = reference.direction_matrix @ np.diag(spacing)
+    origin = reference.center() - m @ ((size - 1.0) / 2.0)
+    return Grid(tuple(int(s) for s in size), spacing, tuple(float(o) for o in origin),
+                reference.direction)
+
+
+def array_coords_of(target: Grid, source: Grid, displacement: torch.Tensor | None = None,
+                    affine: np.ndarray | None = None, device=None) -> torch.Tensor:
+    """Array-order voxel coordinates in ``source`` of every voxel of ``target``: ``(1, 3, *shape)``.
+
+    The point mapping is ``q = A @ x + d(x)`` for a target voxel at LPS ``x``, with ``A`` an optional
+    4x4 LPS affine (default identity) and ``d`` an optional LPS-mm displacement ``(3, *target.shape)``
+    stored on the target grid (channels x, y, z).
+    """
+    t2p = target.array_to_physical()
+    if affine is not None:
+        t2p = np.asarray(affine, dtype=np.float64) @ t2p
+    dtype = torch.float32 if displacement is None else displacement.dtype
+    m = torch.as_tensor(source.physical_to_array() @ t2p, dtype=torch.float64)
+    p = spatial.identity_grid(target.shape, device=device, dtype=dtype)
+    # Homogeneous transform done per channel to avoid a (4, N) copy of the grid.
+    lin = m[:3, :3].to(dtype=dtype, device=p.device)
+    off = m[:3, 3].to(dtype=dtype, device=p.device)
+    coords = torch.einsum("ab,b...->a...", lin, p) + off.view(3, 1, 1, 1)
+    if displacement is not None:
+        if tuple(displacement.shape) != (3, *target.shape):
+            raise ValueError(f"displacement must be (3, {target.shape}), got "
+                             f"{tuple(displacement.shape)}")
+        to_array = torch.as_tensor(source.physical_to_array()[:3, :3], dtype=dtype,
+                                   device=p.device)
+        coords = coords + torch.einsum("ab,b...->a...", to_array, displacement.to(p.device))
+    return coords.unsqueeze(0)
+
+
+def sample_like_itk(image: torch.Tensor, coords: torch.Tensor, mode: str = "linear") -> torch.Tensor:
+    """Sample ``image (B, C, *S)`` at array coordinates ``coords (1, 3, *T)`` like ITK's resampler:
+    border-replicated interpolation inside ``[-0.5, size - 0.5)``, 0 outside."""
+    out = spatial.sample(image, coords, mode=mode, padding="border")
+    inside = torch.ones(coords.shape[2:], dtype=torch.bool, device=coords.device)
+    for axis, n in enumerate(image.shape[2:]):
+        c = coords[0, axis]
+        inside &= (c >= -0.5) & (c < n - 0.5)
+    return out * inside.to(out.dtype)
+
+
+def image_to_tensor(image: sitk.Image, dtype=torch.float32) -> torch.Tensor:
+    """Scalar SimpleITK image -> tensor (1, 1, k, j, i)."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("expected a scalar image, got "
+                         f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
+    arr = sitk.GetArrayViewFromImage(image)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)).to(dtype)[None, None]
+
+
+def tensor_to_image(array: torch.Tensor | np.ndarray, grid: Grid,
+                    pixel_type=sitk.sitkFloat32) -> sitk.Image:
+    """Array (k, j, i) -> scalar SimpleITK image on ``grid``."""
+    arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    arr = np.squeeze(arr)
+    if arr.shape != grid.shape:
+        raise ValueError(f"array shape {arr.shape} does not match grid shape {grid.shape}")
+    img = sitk.Cast(sitk.GetImageFromArray(arr), pixel_type)
+    return grid.apply_to(img)
+
+
+def displacement_to_image(displacement: torch.Tensor | np.ndarray, grid: Grid) -> sitk.Image:
+    """LPS-mm displacement (3, k, j, i) with channels (x, y, z) -> ITK vector image (float64), the
+    form ``sitk.DisplacementFieldTransform`` and displacement-field files use."""
+    arr = displacement.detach().cpu().numpy() if isinstance(displacement, torch.Tensor) \
+        else np.asarray(displacement)
+    if arr.shape != (3, *grid.shape):
+        raise ValueError(f"displacement shape {arr.shape} != (3, {grid.shape})")
+    img = sitk.GetImageFromArray(np.moveaxis(arr, 0, -1).astype(np.float64), isVector=True)
+    return grid.apply_to(img)
+
+
+def displacement_from_image(image: sitk.Image) -> tuple[torch.Tensor, Grid]:
+    """ITK vector displacement image -> (LPS-mm tensor (3, k, j, i) float64, its grid)."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 3:
+        raise ValueError("a displacement field must be a 3D image with 3 components per voxel")
+    arr = sitk.GetArrayFromImage(image).astype(np.float64)
+    return torch.from_numpy(np.moveaxis(arr, -1, 0).copy()), Grid.from_image(image)

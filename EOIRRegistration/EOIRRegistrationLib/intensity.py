@@ -1,0 +1,34 @@
+"""Intensity normalisation named by a model card (applied identically in training and inference)."""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_NORMALIZATION = {"method": "percentile", "low": 0.5, "high": 99.5}
+
+
+def window_of(image: torch.Tensor, spec: dict = DEFAULT_NORMALIZATION) -> tuple[float, float]:
+    """The (low, high) intensity window a card's spec selects for ``image``.
+
+    "percentile": robust min-max (percentiles low/high of all voxels); "window": fixed values
+    low/high (e.g. CT in HU); "minmax": plain min and max.
+    """
+    method = spec.get("method", "percentile")
+    flat = image.detach().reshape(-1).float()
+    if method == "window":
+        return float(spec["low"]), float(spec["high"])
+    if method == "minmax":
+        return float(flat.min()), float(flat.max())
+    if method == "percentile":
+        # quantile() is limited to 16M elements: subsample large volumes deterministically.
+        step = max(1, flat.numel() // 4_000_000)
+        q = torch.quantile(flat[::step], torch.tensor([spec["low"] / 100.0, spec["high"] / 100.0]))
+        return float(q[0]), float(q[1])
+    raise ValueError(f"unknown intensity normalisation method {method!r}")
+
+
+def normalize(image: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
+    """Map ``window`` linearly to [0, 1] and clip."""
+    low, high = window
+    if not high > low:
+        raise ValueError(f"intensity window must have high > low, got ({low}, {high})")
+    return ((image - low) / (high - low)).clamp_(0.0, 1.0)

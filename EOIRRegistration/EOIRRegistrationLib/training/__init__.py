@@ -1,0 +1,1 @@
+"""Training: synthetic and file-based pair sources, objectives, and the training loop."""

@@ -1,0 +1,114 @@
+"""Pair sources for training: synthetic (no data) or image files (a folder or a Learn2Reg JSON).
+
+Every source yields dicts with ``fixed``, ``moving`` (1, 1, *shape) float in [0, 1] and, when
+known, ``fixed_labels`` / ``moving_labels`` (1, 1, *shape) int64. File pairs are resampled into a
+grid of the card's working spacing centred on the fixed image (fixed image's frame, physical
+identity between the two images: inputs are assumed affinely pre-aligned), cropped or padded to
+``shape`` (array order).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import SimpleITK as sitk
+import torch
+
+from .. import geometry
+from ..errors import InputError
+from ..intensity import DEFAULT_NORMALIZATION, normalize, window_of
+from .synthetic import SyntheticConfig, synthetic_pair
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class SyntheticSource:
+    def __init__(self, cfg: SyntheticConfig):
+        self.cfg = cfg
+
+    def sample(self, gen: torch.Generator) -> dict:
+        return synthetic_pair(self.cfg, gen)
+
+    def describe(self) -> str:
+        return f"synthetic smooth-label pairs {tuple(self.cfg.shape)} ({self.cfg.num_labels} labels)"
+
+
+def _is_image(p: Path) -> bool:
+    return any(p.name.endswith(s) for s in IMAGE_SUFFIXES)
+
+
+def entries_from(path: str | Path) -> tuple[list[dict], list[tuple[int, int]]]:
+    """(entries [{"image", "label"?}], explicit pairs [(fixed_idx, moving_idx)]) from a folder or a
+    Learn2Reg-style JSON ("training": [{"image", "label"}], optional "training_paired_images":
+    [{"fixed", "moving"}]). In a folder, ``*_seg*`` / ``*label*`` files are the label maps of the
+    image with the same name stem before that tag."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if _is_image(p))
+        labels = {p.name: p for p in files if "_seg" in p.name or "label" in p.name}
+        images = [p for p in files if p.name not in labels]
+        entries = []
+        for img in images:
+            stem = img.name.split(".")[0]
+            match = [l for n, l in labels.items() if n.startswith(stem)]
+            entries.append({"image": str(img), **({"label": str(match[0])} if match else {})})
+        return entries, []
+    if path.suffix == ".json":
+        spec = json.loads(path.read_text())
+        root = path.parent
+        entries = [{k: str((root / v).resolve()) for k, v in e.items() if k in ("image", "label")}
+                   for e in spec.get("training", [])]
+        index = {e["image"]: i for i, e in enumerate(entries)}
+        pairs = []
+        for p in spec.get("training_paired_images", []):
+            f, m = str((root / p["fixed"]).resolve()), str((root / p["moving"]).resolve())
+            if f in index and m in index:
+                pairs.append((index[f], index[m]))
+        return entries, pairs
+    raise InputError(f"training data must be a folder of images or a Learn2Reg JSON file: {path}")
+
+
+class FileSource:
+    def __init__(self, path, shape=(96, 96, 96), spacing=(2.0, 2.0, 2.0),
+                 normalization=DEFAULT_NORMALIZATION):
+        self.entries, self.pairs = entries_from(path)
+        if len(self.entries) < 2 and not self.pairs:
+            raise InputError(f"{path}: need at least two images to make training pairs")
+        self.shape, self.spacing, self.normalization = tuple(shape), tuple(spacing), normalization
+        self.path = str(path)
+
+    def describe(self) -> str:
+        return f"{len(self.entries)} images from {self.path}"
+
+    def _grid(self, image: sitk.Image) -> geometry.Grid:
+        ref = geometry.Grid.from_image(image)
+        size = tuple(reversed(self.shape))
+        m = ref.direction_matrix * self.spacing
+        origin = ref.center() - m @ ((torch.tensor(size, dtype=torch.float64).numpy() - 1) / 2)
+        return geometry.Grid(size, self.spacing, tuple(origin), ref.direction)
+
+    def _load(self, entry: dict, grid: geometry.Grid):
+        image = sitk.ReadImage(entry["image"])
+        coords = geometry.array_coords_of(grid, geometry.Grid.from_image(image))
+        img = geometry.sample_like_itk(geometry.image_to_tensor(image), coords)
+        raw = geometry.image_to_tensor(image)
+        img = normalize(img, window_of(raw, self.normalization))
+        labels = None
+        if "label" in entry:
+            lab = sitk.ReadImage(entry["label"])
+            labels = geometry.sample_like_itk(geometry.image_to_tensor(lab), coords,
+                                              mode="nearest").round().long()
+        return img, labels
+
+    def sample(self, gen: torch.Generator) -> dict:
+        if self.pairs:
+            fi, mi = self.pairs[int(torch.randint(len(self.pairs), (1,), generator=gen))]
+        else:
+            fi, mi = torch.randperm(len(self.entries), generator=gen)[:2].tolist()
+        grid = self._grid(sitk.ReadImage(self.entries[fi]["image"]))
+        fixed, fixed_labels = self._load(self.entries[fi], grid)
+        moving, moving_labels = self._load(self.entries[mi], grid)
+        pair = {"fixed": fixed, "moving": moving}
+        if fixed_labels is not None and moving_labels is not None:
+            pair.update(fixed_labels=fixed_labels, moving_labels=moving_labels)
+        return pair

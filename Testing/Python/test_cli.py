@@ -1,0 +1,138 @@
+"""Command line: outputs, report, overview, and bad input that writes nothing."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from EOIRRegistrationLib import cli, modelfile
+from EOIRRegistrationLib.models import build_model
+from helpers import oblique_image
+
+ENGINE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
+
+
+@pytest.fixture
+def files(tmp_path):
+    fixed = oblique_image(size=(40, 36, 24), spacing=(1.6, 1.3, 3.0), origin=(-31.0, 12.5, -7.0),
+                          angles=(0.1, -0.2, 0.15), seed=3)
+    moving = oblique_image(size=(36, 40, 30), spacing=(1.9, 1.2, 2.2), origin=(-33.0, 10.0, -9.0),
+                           angles=(-0.05, 0.1, -0.2), seed=4)
+    labels = sitk.Cast(sitk.BinaryThreshold(moving, 0.5, 10.0, 5, 0), sitk.sitkUInt8)
+    paths = {k: str(tmp_path / f"{k}.nii.gz") for k in ("fixed", "moving", "labels")}
+    for k, img in zip(paths, (fixed, moving, labels)):
+        sitk.WriteImage(img, paths[k])
+    torch.manual_seed(0)
+    model = build_model("eoir", {"channels": 4, "levels": 3})
+    for est in model.estimators:
+        torch.nn.init.normal_(est.out.weight, std=0.05)
+    paths["model"] = str(tmp_path / "tiny.pt")
+    modelfile.save_model(paths["model"], model, {"name": "tiny", "description": "test model",
+                                                 "working_spacing_mm": [3.0, 3.0, 3.0]})
+    return paths
+
+
+def run(argv):
+    return cli.register_main([str(a) for a in argv])
+
+
+def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
+                "--moving-labels", files["labels"], "--quiet"])
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert names == {"displacement.nii.gz", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
+                     "warped_labels.nii.gz", "report.json", "overview.png"}
+    report = json.loads((out / "report.json").read_text())
+    jac = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
+    assert report["model"]["name"] == "tiny" and report["device"] == "cpu"
+    assert report["quality"]["jacobian_min"] == pytest.approx(float(jac.min()), rel=1e-5)
+    assert report["quality"]["folding_percent"] == pytest.approx(100 * np.mean(jac <= 0))
+    for stage in ("reading inputs", "registering", "resampling", "writing outputs", "total"):
+        assert report["seconds"][stage] >= 0
+    png = (out / "overview.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert "folding" in capsys.readouterr().out
+    # The displacement file is a transform SimpleITK applies to reproduce warped.nii.gz.
+    field = sitk.Cast(sitk.ReadImage(str(out / "displacement.nii.gz")), sitk.sitkVectorFloat64)
+    fixed, moving = sitk.ReadImage(files["fixed"]), sitk.ReadImage(files["moving"])
+    ref = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(
+        field), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
+    assert np.abs(ref - warped).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_existing_output_is_kept_without_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert run([files["fixed"], files["moving"], "--output-dir", out, "--model",
+                files["model"], "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert run([files["fixed"], files["moving"], "--output-dir", out, "--model",
+                files["model"], "--quiet", "--overwrite", "--no-png"]) == 0
+    assert (out / "keep.txt").read_text() == "user data"
+    assert (out / "displacement.nii.gz").exists()
+
+
+def _bad_inputs(tmp_path, files):
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("this is not an image")
+    flat = tmp_path / "flat2d.nii.gz"
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkFloat32) + 1.0, str(flat))
+    four = tmp_path / "four_d.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(2, 8, 8, 8).astype(np.float32),
+                                           isVector=False), str(four))
+    nan = tmp_path / "nan.mha"  # the NIfTI writer would replace the NaN
+    arr = np.random.rand(8, 8, 8).astype(np.float32)
+    arr[2, 3, 4] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(nan))
+    const = tmp_path / "const.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8, 8), np.float32)), str(const))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(Path(files["model"]).read_bytes()[:300])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    return [
+        (["missing.nii.gz", files["moving"]], "not found"),
+        ([text, files["moving"]], "cannot read"),
+        ([flat, files["moving"]], "2D"),
+        ([files["fixed"], four], "4D"),
+        ([files["fixed"], nan], "NaN"),
+        ([const, files["moving"]], "constant"),
+        ([files["fixed"], files["moving"], "--model", corrupt], "not a readable"),
+        ([files["fixed"], files["moving"], "--model", foreign], "not an EOIRRegistration model"),
+        ([files["fixed"], files["moving"], "--model", "no-such-model"], "no bundled model"),
+    ]
+
+
+def test_bad_input_gets_a_clear_error_and_writes_nothing(files, tmp_path, capsys):
+    for argv, message in _bad_inputs(tmp_path, files):
+        out = tmp_path / "never"
+        model = [] if "--model" in argv else ["--model", files["model"]]
+        code = run([*argv, "--output-dir", out, *model, "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert message in err, (message, err)
+        assert not out.exists(), argv
+        assert not list(tmp_path.glob(".never.partial-*"))
+
+
+def test_module_entry_point_runs_register_and_models(files, tmp_path):
+    out = tmp_path / "via_module"
+    env = {"PYTHONPATH": str(ENGINE_DIR), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "EOIRRegistrationLib", "register", files["fixed"],
+                           files["moving"], "--output-dir", str(out), "--model", files["model"],
+                           "--no-png"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "displacement.nii.gz").exists()
+    assert "[100.0%]" in proc.stderr  # progress lines
+    proc = subprocess.run([sys.executable, "-m", "EOIRRegistrationLib", "nonsense"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "usage" in proc.stderr

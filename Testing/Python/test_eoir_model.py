@@ -1,0 +1,117 @@
+"""EOIR faithfulness (parameter and multiply-add counts from the paper) and model files."""
+import pickle
+
+import pytest
+import torch
+
+from EOIRRegistrationLib import modelfile
+from EOIRRegistrationLib.complexity import count_multiply_adds, count_parameters
+from EOIRRegistrationLib.errors import ModelFileError
+from EOIRRegistrationLib.models import build_model
+
+
+@pytest.mark.parametrize("ns,expected", [(32, 909_232), (16, 294_272), (8, 111_208)])
+def test_parameter_counts_match_the_paper(ns, expected):
+    assert count_parameters(build_model("eoir", {"channels": ns})) == expected
+
+
+@pytest.mark.parametrize("ns,giga", [(32, 114.21), (8, 11.02)])
+def test_multiply_adds_at_128x128x16_match_the_paper(ns, giga):
+    # The paper's ACDC configuration: in-plane-only pyramid on 128x128x16 cine MRI.
+    model = build_model("eoir", {"channels": ns, "pyramid_axes": [1, 2]})
+    x = torch.zeros(1, 1, 16, 128, 128)
+    assert round(count_multiply_adds(model, x, x) / 1e9, 2) == giga
+
+
+def test_untrained_model_starts_near_identity_with_the_right_shape():
+    model = build_model("eoir", {"channels": 4}).eval()
+    x = torch.rand(1, 1, 32, 32, 48)
+    with torch.no_grad():
+        u = model(x, torch.rand_like(x))
+    assert u.shape == (1, 3, 32, 32, 48)
+    assert u.abs().max() < 0.05
+
+
+@pytest.mark.parametrize("cfg", [{"composition": "add"}, {"large_kernel": True},
+                                 {"finest_level": 1}, {"integration_steps": 0},
+                                 {"levels": 3, "pyramid_axes": [1, 2]}])
+def test_variants_return_a_full_resolution_field(cfg):
+    model = build_model("eoir", {"channels": 4, **cfg}).eval()
+    shape = (8, 32, 32) if cfg.get("pyramid_axes") else (32, 32, 32)
+    x = torch.rand(1, 1, *shape)
+    with torch.no_grad():
+        assert model(x, x).shape == (1, 3, *shape)
+    levels = model.pyramid_outputs(x, x)
+    assert levels[-1].displacement.shape == (1, 3, *shape)
+
+
+def test_sizes_not_divisible_by_the_pyramid_are_refused():
+    model = build_model("eoir", {"channels": 4})
+    x = torch.rand(1, 1, 24, 32, 32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        model(x, x)
+
+
+def test_unknown_config_is_refused():
+    with pytest.raises(ValueError, match="composition"):
+        build_model("eoir", {"composition": "multiply"})
+    with pytest.raises(KeyError, match="unknown model architecture"):
+        build_model("voxelmorph", {})
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("eoir", {"channels": 4, "levels": 3}).eval()
+    for est in model.estimators:
+        torch.nn.init.normal_(est.out.weight, std=0.02)
+    path = tmp_path / "m.pt"
+    modelfile.save_model(path, model, {"name": "tiny", "working_spacing_mm": [3.0, 3.0, 3.0]})
+    return model, path
+
+
+def test_model_file_round_trip_gives_identical_outputs(saved_model):
+    model, path = saved_model
+    loaded = modelfile.load_model(path)
+    x, y = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x, y), loaded.model(x, y))
+    assert loaded.working_spacing == (3.0, 3.0, 3.0)
+    payload = torch.load(path, weights_only=True)
+    assert not any("grid" in k for k in payload["state_dict"])  # no identity grids stored
+
+
+def test_corrupt_truncated_and_foreign_files_give_clear_errors(saved_model, tmp_path):
+    _, path = saved_model
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ModelFileError, match="not a readable"):
+        modelfile.load_model(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ModelFileError, match="not an EOIRRegistration model"):
+        modelfile.load_model(foreign)
+    with pytest.raises(ModelFileError, match="not found"):
+        modelfile.load_model(tmp_path / "missing.pt")
+
+
+def test_mismatched_weights_are_reported(saved_model, tmp_path):
+    _, path = saved_model
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["channels"] = 8
+    bad = tmp_path / "mismatch.pt"
+    torch.save(payload, bad)
+    with pytest.raises(ModelFileError, match="do not match"):
+        modelfile.load_model(bad)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+def test_model_files_never_execute_code(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": modelfile.FORMAT, "payload": _Exploit()}, evil, pickle_module=pickle)
+    with pytest.raises(ModelFileError, match="not a readable"):
+        modelfile.load_model(evil)

@@ -1,0 +1,169 @@
+"""register(): physical correctness from image to image, refinement, progress/cancel, errors."""
+import threading
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from EOIRRegistrationLib import geometry, modelfile
+from EOIRRegistrationLib.errors import DeviceError, InputError, RegistrationCancelled
+from EOIRRegistrationLib.models import build_model
+from EOIRRegistrationLib.phantom import make_phantom_pair
+from EOIRRegistrationLib.pipeline import register
+from EOIRRegistrationLib.refine import RefineConfig
+from helpers import oblique_image
+
+
+def tiny_model(tmp_path, name, out_std, spacing=(3.0, 3.0, 3.0)):
+    torch.manual_seed(0)
+    model = build_model("eoir", {"channels": 4, "levels": 3})
+    for est in model.estimators:
+        if out_std == 0:
+            torch.nn.init.zeros_(est.out.weight)
+        else:
+            torch.nn.init.normal_(est.out.weight, std=out_std)
+    path = tmp_path / f"{name}.pt"
+    modelfile.save_model(path, model, {"name": name, "working_spacing_mm": list(spacing)})
+    return modelfile.load_model(path)
+
+
+@pytest.fixture
+def fixed_moving():
+    """Anisotropic, oblique, non-zero-origin fixed; moving on a different oblique grid."""
+    fixed = oblique_image(size=(40, 36, 24), spacing=(1.6, 1.3, 3.0), origin=(-31.0, 12.5, -7.0),
+                          angles=(0.1, -0.2, 0.15), seed=3)
+    moving = oblique_image(size=(36, 40, 30), spacing=(1.9, 1.2, 2.2), origin=(-33.0, 10.0, -9.0),
+                           angles=(-0.05, 0.1, -0.2), seed=4)
+    return fixed, moving
+
+
+def test_displacement_applied_by_simpleitk_reproduces_the_warped_image(fixed_moving, tmp_path):
+    fixed, moving = fixed_moving
+    result = register(fixed, moving, model=tiny_model(tmp_path, "random", 0.05))
+    disp = sitk.GetArrayFromImage(result.displacement)
+    assert np.abs(disp).max() > 1.0  # a real deformation, in mm
+    assert geometry.Grid.from_image(result.displacement) == geometry.Grid.from_image(fixed)
+    path = str(tmp_path / "displacement.nii.gz")
+    sitk.WriteImage(result.displacement, path)
+    field = sitk.Cast(sitk.ReadImage(path), sitk.sitkVectorFloat64)
+    tx = sitk.DisplacementFieldTransform(field)
+    ref = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0,
+                                               sitk.sitkFloat32))
+    ours = sitk.GetArrayFromImage(result.warped)
+    assert (ref != 0).mean() > 0.5
+    assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_identity_model_gives_identity_outputs(fixed_moving, tmp_path):
+    fixed, moving = fixed_moving
+    result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0))
+    assert np.all(sitk.GetArrayFromImage(result.displacement) == 0)
+    assert np.all(sitk.GetArrayFromImage(result.jacobian) == 1)
+    assert result.qa["folding_percent"] == 0 and result.qa["sdlogj"] == 0
+    ref = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear,
+                                               0.0, sitk.sitkFloat32))
+    assert np.abs(sitk.GetArrayFromImage(result.warped) - ref).max() < 1e-5
+
+
+def _phantom_fixed():
+    pair = make_phantom_pair(seed=7, velocity=0.0, shape=(32, 40, 40), spacing=(2.0, 2.0, 2.5),
+                             origin=(-40.0, -35.0, -30.0), rotation=(0.1, 0.05, -0.1))
+    return sitk.Cast(pair.fixed, sitk.sitkFloat32), pair.fixed_labels
+
+
+def _recover(fixed, transform, tmp_path):
+    """Moving = fixed seen through ``transform`` on another grid; fit it by refinement alone."""
+    moving = sitk.Resample(fixed, [s + 6 for s in fixed.GetSize()], transform, sitk.sitkLinear,
+                           [o - 5 for o in fixed.GetOrigin()], (2.2, 1.8, 2.4),
+                           fixed.GetDirection(), 0.0, sitk.sitkFloat32)
+    result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
+                      refine=RefineConfig(iterations=60))
+    return sitk.GetArrayFromImage(result.displacement)
+
+
+def _points(image):
+    grid = geometry.Grid.from_image(image)
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in grid.shape], indexing="ij"), -1)
+    return idx[..., ::-1] @ (grid.direction_matrix @ np.diag(grid.spacing)).T + grid.origin
+
+
+def test_known_translation_is_recovered_by_optimisation(tmp_path):
+    fixed, labels = _phantom_fixed()
+    t = np.array([3.0, -2.0, 1.5])
+    # moving(y) = fixed(y + t), so fixed(x) = moving(x - t): the true displacement is -t.
+    disp = _recover(fixed, sitk.TranslationTransform(3, tuple(t)), tmp_path)
+    inside = sitk.GetArrayFromImage(sitk.BinaryErode(labels > 0, [3, 3, 3])) > 0
+    # Tolerance: LNCC on piecewise-constant blobs leaves ~0.1 working voxel (2.5 mm) of bias.
+    assert np.all(np.abs(disp[inside].mean(axis=0) + t) < 0.5), disp[inside].mean(axis=0)
+    err = np.linalg.norm(disp[inside] + t, axis=-1)
+    assert err.mean() < 0.75, f"mean error {err.mean():.2f} mm for a {np.linalg.norm(t):.2f} mm shift"
+
+
+def test_known_small_rotation_is_recovered_by_optimisation(tmp_path):
+    fixed, labels = _phantom_fixed()
+    centre = geometry.Grid.from_image(fixed).center()
+    rot = sitk.Euler3DTransform(tuple(centre), 0.0, 0.0, np.deg2rad(5.0))
+    disp = _recover(fixed, rot, tmp_path)
+    # moving(y) = fixed(R (y - c) + c): the true displacement is R^T (x - c) + c - x.
+    r = np.reshape(rot.GetMatrix(), (3, 3))
+    x = _points(fixed)
+    truth = (x - centre) @ r + centre - x
+    inside = sitk.GetArrayFromImage(sitk.BinaryErode(labels > 0, [3, 3, 3])) > 0
+    err = np.linalg.norm(disp[inside] - truth[inside], axis=-1)
+    size = np.linalg.norm(truth[inside], axis=-1).mean()
+    assert err.mean() < 0.4 * size, f"mean error {err.mean():.2f} mm vs motion {size:.2f} mm"
+
+
+def test_labels_are_warped_by_nearest_neighbour(fixed_moving, tmp_path):
+    fixed, moving = fixed_moving
+    labels = sitk.Cast(sitk.BinaryThreshold(moving, 0.5, 10.0, 3, 0), sitk.sitkUInt8)
+    result = register(fixed, moving, model=tiny_model(tmp_path, "random", 0.05),
+                      moving_labels=labels)
+    out = sitk.GetArrayFromImage(result.warped_labels)
+    assert result.warped_labels.GetPixelID() == sitk.sitkUInt8
+    assert set(np.unique(out)) <= {0, 3} and (out == 3).any()
+
+
+def test_progress_reports_stages_in_order_and_cancel_stops(fixed_moving, tmp_path):
+    fixed, moving = fixed_moving
+    seen = []
+    register(fixed, moving, model=tiny_model(tmp_path, "zero", 0),
+             progress=lambda stage, f: seen.append((stage, f)))
+    assert [s for s, _ in seen][:3] == ["loading model", "preparing images", "registering"]
+    assert seen[-1] == ("done", 1.0)
+    assert all(a[1] <= b[1] for a, b in zip(seen, seen[1:]))
+    cancel = threading.Event()
+
+    def cancel_at_registering(stage, fraction):
+        if stage == "preparing images":
+            cancel.set()
+    with pytest.raises(RegistrationCancelled):
+        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0),
+                 progress=cancel_at_registering, cancel=cancel)
+
+
+def _with_array(arr, like=None):
+    img = sitk.GetImageFromArray(arr)
+    return img
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: sitk.Image(20, 20, sitk.sitkFloat32) + 1.0, "2D"),
+    (lambda: sitk.GetImageFromArray(np.random.rand(3, 8, 8, 8).astype(np.float32),
+                                    isVector=False), "4D"),
+    (lambda: _with_array(np.where(np.random.rand(8, 8, 8) > 0.5, np.nan, 1.0)), "NaN"),
+    (lambda: _with_array(np.full((8, 8, 8), 7.0)), "constant"),
+    (lambda: _with_array(np.where(np.random.rand(8, 8, 8) > 0.5, np.inf, 1.0)), "infinite"),
+])
+def test_bad_images_are_refused_with_the_reason(fixed_moving, make, match):
+    fixed, _ = fixed_moving
+    with pytest.raises(InputError, match=match):
+        register(fixed, make(), model="default-does-not-matter")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_request_without_a_gpu_is_a_clear_error(fixed_moving, tmp_path):
+    fixed, moving = fixed_moving
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cuda")

@@ -1,0 +1,103 @@
+"""eoir-train: synthetic and file data, checkpoints, resume, determinism, logs, model card."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from EOIRRegistrationLib import cli, modelfile
+from EOIRRegistrationLib.training.data import FileSource, entries_from
+from EOIRRegistrationLib.training.synthetic import SyntheticConfig, synthetic_pair
+
+TINY = ["--channels", "4", "--levels", "3", "--shape", "32", "32", "32", "--threads", "1",
+        "--validation-pairs", "1", "--device", "cpu"]
+
+
+def train(out, *extra):
+    return cli.train_main(["--output-dir", str(out), *TINY, *map(str, extra)])
+
+
+def test_synthetic_pairs_are_deterministic_and_labelled():
+    cfg = SyntheticConfig(shape=(32, 32, 32))
+    a = synthetic_pair(cfg, torch.Generator().manual_seed(5))
+    b = synthetic_pair(cfg, torch.Generator().manual_seed(5))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["fixed"].min() >= 0 and a["fixed"].max() <= 1
+    assert set(torch.unique(a["fixed_labels"]).tolist()) <= set(range(13))
+    assert not torch.equal(a["fixed_labels"], a["moving_labels"])  # really deformed
+
+
+def test_training_writes_log_checkpoint_and_model_card(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", 4, "--log-every", 2, "--validate-every", 4,
+                 "--checkpoint-every", 2, "--name", "tiny-run") == 0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == [2, 4]
+    assert rows[-1]["val_dice_after"] != ""
+    loaded = modelfile.load_model(out / "model.pt")
+    assert loaded.card["name"] == "tiny-run"
+    assert loaded.card["working_spacing_mm"] == [2.0, 2.0, 2.0]
+    assert "val_dice_after" in loaded.card["validation"]
+    assert loaded.card["intensity_normalization"]["method"] == "percentile"
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["iteration"] == 4
+
+
+def test_resume_continues_exactly_where_a_run_stopped(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = ["--log-every", 1, "--validate-every", 100, "--checkpoint-every", 2]
+    assert train(straight, "--iterations", 4, *args) == 0
+    assert train(split, "--iterations", 2, *args) == 0
+    assert train(split, "--iterations", 4, "--resume", *args) == 0
+    a = modelfile.load_model(straight / "model.pt").model.state_dict()
+    b = modelfile.load_model(split / "model.pt").model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    its = [int(r["iteration"]) for r in csv.DictReader(open(split / "log.csv"))]
+    assert its == [1, 2, 3, 4]
+
+
+def test_used_folder_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--iterations", 1, "--validate-every", 1) == 0
+    assert train(out, "--iterations", 1) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def _write_images(folder, n=3):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        lab = np.zeros((24, 28, 20), np.uint8)
+        lab[6 + i:16, 8:20 - i, 5:15] = 1
+        lab[10:14, 10:14, 8:12] = 2
+        img = sitk.GetImageFromArray((lab * 40 + rng.random(lab.shape) * 5).astype(np.float32))
+        img.SetSpacing((1.5, 1.5, 1.5))
+        seg = sitk.GetImageFromArray(lab)
+        seg.CopyInformation(img)
+        sitk.WriteImage(img, str(folder / f"case{i}.nii.gz"))
+        sitk.WriteImage(seg, str(folder / f"case{i}_seg.nii.gz"))
+
+
+def test_training_from_a_folder_and_a_learn2reg_json(tmp_path):
+    _write_images(tmp_path / "imgs")
+    entries, pairs = entries_from(tmp_path / "imgs")
+    assert len(entries) == 3 and all("label" in e for e in entries) and pairs == []
+    spec = {"training": [{"image": f"imgs/case{i}.nii.gz", "label": f"imgs/case{i}_seg.nii.gz"}
+                         for i in range(3)],
+            "training_paired_images": [{"fixed": "imgs/case0.nii.gz", "moving": "imgs/case2.nii.gz"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    entries, pairs = entries_from(tmp_path / "dataset.json")
+    assert pairs == [(0, 2)]
+    src = FileSource(tmp_path / "dataset.json", shape=(16, 16, 16), spacing=(2.0, 2.0, 2.0))
+    pair = src.sample(torch.Generator().manual_seed(0))
+    assert pair["fixed"].shape == (1, 1, 16, 16, 16)
+    assert set(torch.unique(pair["fixed_labels"]).tolist()) == {0, 1, 2}
+    out = tmp_path / "run"
+    assert cli.train_main(["--output-dir", str(out), "--data", str(tmp_path / "imgs"),
+                           "--channels", "4", "--levels", "3", "--shape", "16", "16", "16",
+                           "--iterations", "2", "--validate-every", "2", "--validation-pairs", "1",
+                           "--dice-weight", "1.0", "--threads", "1"]) == 0
+    card = modelfile.load_model(out / "model.pt").card
+    assert "3 images" in card["training_data"]
