@@ -225,7 +225,9 @@ def run_registration(args, extra_report: dict | None = None, inputs: dict | None
                           "mean_after": mean(metrics.dice(fl, wl, values))}
     report.update(extra_report or {})
     files = {
-        "displacement.nii.gz": lambda p: sitk.WriteImage(result.displacement, p),
+        # float32 vectors: half the size and write time of float64, ~1e-6 mm rounding.
+        "displacement.nii.gz": lambda p: sitk.WriteImage(
+            sitk.Cast(result.displacement, sitk.sitkVectorFloat32), p),
         "warped.nii.gz": lambda p: sitk.WriteImage(result.warped, p),
         "jacobian.nii.gz": lambda p: sitk.WriteImage(result.jacobian, p),
         "folding.nii.gz": lambda p: sitk.WriteImage(result.folding, p),

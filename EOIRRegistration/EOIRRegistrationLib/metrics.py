@@ -35,8 +35,8 @@ __all__ = [
 STANDARD_30_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43,
                       46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
 
-# Voxels per slab of the physical Jacobian (float64 temporaries ~0.5 kB per voxel: ~65 MB).
-_SLAB_VOXELS = 1 << 17
+# Voxels per slab of the physical Jacobian (float32 temporaries ~0.2 kB per voxel: ~0.4 GB).
+_SLAB_VOXELS = 1 << 21
 
 LOG_CLIP = (1e-9, 1e9)
 
@@ -68,8 +68,10 @@ def jacobian_determinant(displacement: torch.Tensor, grid: Grid) -> torch.Tensor
                          f"(3, {', '.join(map(str, grid.shape))}), got {tuple(d.shape)}")
     out_dtype = d.dtype if d.is_floating_point() else torch.float32
     work = torch.device("cpu") if d.device.type == "mps" else d.device
-    dp_dx = torch.as_tensor(np.linalg.inv(grid.array_to_physical()[:3, :3]),
-                            dtype=torch.float64, device=work)
+    # Computed in the input's precision (float64 input stays float64): float32 keeps ~1e-6
+    # relative accuracy of det, ample for QA, and is several times faster on big volumes.
+    calc = torch.float32 if (out_dtype != torch.float64 or work != d.device) else torch.float64
+    m = np.linalg.inv(grid.array_to_physical()[:3, :3])  # d(array index)/d(LPS position)
     nk = d.shape[1]
     slab = max(1, _SLAB_VOXELS // (d.shape[2] * d.shape[3]))
     out = torch.empty(d.shape[1:], dtype=out_dtype, device=d.device)
@@ -77,9 +79,12 @@ def jacobian_determinant(displacement: torch.Tensor, grid: Grid) -> torch.Tensor
         stop = min(nk, start + slab)
         # One halo slice each side makes the slab's central differences equal the global ones.
         lo, hi = max(0, start - 1), min(nk, stop + 1)
-        g = spatial.spatial_gradient(d[None, :, lo:hi].to(work, torch.float64))[0]
+        g = spatial.spatial_gradient(d[None, :, lo:hi].to(work, calc))[0]
         g = g[:, :, start - lo:stop - lo]  # (channel c, array axis a, slab)
-        jac = torch.einsum("ca...,ab->cb...", g, dp_dx)
+        # dd_c/dx_b = sum_a dd_c/dp_a * dp_a/dx_b, written out: no einsum permute copies.
+        jac = torch.stack([torch.stack([g[c, 0] * float(m[0, b]) + g[c, 1] * float(m[1, b])
+                                        + g[c, 2] * float(m[2, b]) for b in range(3)])
+                           for c in range(3)])
         out[start:stop] = _det(jac).to(out_dtype)
     return out
 

@@ -3,8 +3,9 @@ architecture, and the engine rebuilds the network from the stored config through
 from __future__ import annotations
 
 from .eoir import EOIR, EOIRConfig
+from .georeg import GeoReg, GeoRegConfig
 
-ARCHITECTURES = {"eoir": (EOIR, EOIRConfig)}
+ARCHITECTURES = {"eoir": (EOIR, EOIRConfig), "georeg": (GeoReg, GeoRegConfig)}
 
 
 def build_model(architecture: str, config: dict | None = None):

@@ -69,3 +69,5 @@ def eoir_objective(model, fixed, moving, cfg: ObjectiveConfig, fixed_labels=None
 
 
 OBJECTIVES = {"eoir": eoir_objective}
+from .georeg_objective import georeg_objective  # noqa: E402
+OBJECTIVES["georeg"] = georeg_objective

@@ -1,0 +1,775 @@
+"""The headless registration logic against Slicer's real MRML core (``slicer-core``).
+
+Most tests replace the engine's ``register`` by a fake that returns a known analytic deformation
+(so they check the scene work exactly); ``test_real_engine_*`` runs the real engine on a tiny
+pair the test builds.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("slicer-core is not installed", allow_module_level=True)
+
+import SimpleITK as sitk  # noqa: E402
+
+from EOIRRegistrationLib import slicer_bridge as bridge  # noqa: E402
+from EOIRRegistrationLib import slicer_logic  # noqa: E402
+from EOIRRegistrationLib.errors import InputError, RegistrationCancelled  # noqa: E402
+
+LIB_PARENT = Path(slicer_logic.__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and the fake engine
+# ---------------------------------------------------------------------------------------------
+
+def oblique_image(size=(20, 18, 16), spacing=(1.2, 0.9, 2.0), origin=(10.0, -5.0, 3.0),
+                  axis=(0.3, 0.5, 0.8), angle=0.35, seed=0):
+    rng = np.random.RandomState(seed)
+    raw = sitk.GetImageFromArray(rng.rand(*reversed(size)).astype(np.float32))
+    arr = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(raw, 1.5))
+    image = sitk.GetImageFromArray(((arr - arr.min()) / (arr.max() - arr.min()) * 1000.0)
+                                   .astype(np.float32))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(sitk.VersorTransform(axis, angle).GetMatrix())
+    return image
+
+
+def analytic_displacement(reference: sitk.Image, amplitude=2.0) -> sitk.Image:
+    k, j, i = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in reversed(reference.GetSize())],
+                          indexing="ij")
+    d = amplitude * np.stack([np.sin(i / 5.0), -np.cos(j / 4.0), 0.5 * np.sin(k / 3.0)], axis=-1)
+    field = sitk.GetImageFromArray(d, isVector=True)
+    field.CopyInformation(reference)
+    return sitk.Cast(field, sitk.sitkVectorFloat64)
+
+
+@dataclass
+class FakeResult:
+    displacement: sitk.Image
+    warped: sitk.Image
+    jacobian: sitk.Image
+    folding: sitk.Image
+    warped_labels: sitk.Image | None
+    qa: dict
+    timings: dict = field(default_factory=lambda: {"register": 0.01})
+    model_name: str = "fake-model"
+    device: str = "cpu"
+
+
+class FakeEngine:
+    """Stands in for ``pipeline.register``: same signature, known analytic displacement."""
+
+    stages = [("loading model", 0.1), ("features", 0.4), ("flow", 0.8), ("warping", 1.0)]
+
+    def __init__(self, amplitude=2.0, delay=0.0):
+        self.amplitude = amplitude
+        self.delay = delay
+        self.calls = []
+
+    def __call__(self, fixed, moving, model="default", device="auto", moving_labels=None,
+                 working_spacing=None, intensity_window=None, progress=None, cancel=None):
+        self.calls.append(dict(fixed=fixed, moving=moving, model=model, device=device,
+                               moving_labels=moving_labels, working_spacing=working_spacing,
+                               intensity_window=intensity_window))
+        for stage, fraction in self.stages:
+            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+                raise RegistrationCancelled("cancelled")
+            time.sleep(self.delay)
+            if progress is not None:
+                progress(stage, fraction)
+        displacement = analytic_displacement(fixed, self.amplitude)
+        tx = sitk.DisplacementFieldTransform(sitk.Image(displacement))
+        warped = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        jacobian = sitk.Cast(sitk.DisplacementFieldJacobianDeterminant(displacement),
+                             sitk.sitkFloat32)
+        folding = sitk.Cast(jacobian <= 0, sitk.sitkUInt8)
+        labels = None
+        if moving_labels is not None:
+            labels = sitk.Resample(moving_labels, fixed, tx, sitk.sitkNearestNeighbor, 0,
+                                   moving_labels.GetPixelID())
+        return FakeResult(displacement, warped, jacobian, folding, labels,
+                          slicer_logic.computeQA(jacobian))
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    engine = FakeEngine()
+    monkeypatch.setattr(slicer_logic, "_engineRegister", lambda: engine)
+    return engine
+
+
+@pytest.fixture
+def scene():
+    scene, app_logic = bridge.createStandaloneScene()
+    scene._eoirAppLogic = app_logic
+    for name in ("Red", "Yellow", "Green"):
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(name)
+        scene.AddNode(composite)
+    return scene
+
+
+@pytest.fixture
+def volumes(scene):
+    fixed = bridge.imageToVolumeNode(oblique_image(seed=1), scene, "fixed")
+    moving = bridge.imageToVolumeNode(
+        oblique_image(size=(18, 20, 14), spacing=(1.0, 1.1, 2.2), origin=(8.0, -3.0, 2.0), seed=2),
+        scene, "moving")
+    return fixed, moving
+
+
+def add_segmentation(scene, reference_node):
+    # on the reference's own voxel grid (its local frame, whatever transform it is under)
+    image = bridge.volumeNodeToImage(reference_node,
+                                     ignoreTransformNode=reference_node.GetParentTransformNode())
+    labels = np.zeros(tuple(reversed(image.GetSize())), np.uint8)
+    labels[3:8, 4:10, 4:10] = 5
+    labels[8:12, 10:16, 8:14] = 2
+    label_image = sitk.GetImageFromArray(labels)
+    label_image.CopyInformation(image)
+    label_node = bridge.imageToVolumeNode(label_image, scene, "labels",
+                                          className="vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "organs")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        label_node, segmentation)
+    segmentation.GetSegmentation().GetNthSegment(0).SetName("spleen")
+    segmentation.GetSegmentation().GetNthSegment(1).SetName("liver")
+    return segmentation, label_node
+
+
+def scene_state(scene):
+    """Everything a failed or cancelled run must leave untouched."""
+    nodes = {}
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        entry = [node.GetClassName(), node.GetName()]
+        if node.IsA("vtkMRMLTransformableNode"):
+            entry.append(node.GetTransformNodeID())
+        if node.IsA("vtkMRMLTransformNode"):
+            entry.append(node.GetNodeReferenceID("spatialRegistrationMoving"))
+            entry.append(node.GetAttribute("EOIRRegistration.folding_percent"))
+            entry.append(node.IsLinear())
+        if node.IsA("vtkMRMLVolumeNode") and node.GetImageData() is not None:
+            entry.append(np.array(slicer.util.arrayFromVolume(node)).tobytes())
+            entry.append(tuple(bridge.ijkToRASFromImage(bridge.volumeNodeToImage(node)).ravel())
+                         if node.GetParentTransformNode() is None or
+                         node.GetParentTransformNode().IsTransformToWorldLinear() else None)
+        if node.IsA("vtkMRMLSliceCompositeNode"):
+            entry += [node.GetBackgroundVolumeID(), node.GetForegroundVolumeID(),
+                      node.GetLabelVolumeID(), node.GetForegroundOpacity()]
+        nodes[node.GetID()] = entry
+    return nodes
+
+
+# ---------------------------------------------------------------------------------------------
+# the result in the scene
+# ---------------------------------------------------------------------------------------------
+
+def test_register_volumes_builds_the_result_in_the_scene(scene, volumes, fake_engine):
+    fixed, moving = volumes
+    output_volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped")
+    progress = []
+    logic = slicer_logic.RegistrationLogic(scene)
+    out = logic.registerVolumes(fixed, moving, model="some-model", device="cpu",
+                                outputVolumeNode=output_volume, workingSpacing=2.0,
+                                intensityWindow=((0, 900), (0, 900)),
+                                progressCallback=lambda s, f: progress.append((s, f)))
+    call = fake_engine.calls[0]
+    result = FakeEngine()(call["fixed"], call["moving"])
+    # the engine saw the volumes with their LPS geometry and the options
+    assert call["model"] == "some-model" and call["device"] == "cpu"
+    assert call["working_spacing"] == (2.0, 2.0, 2.0)
+    assert call["intensity_window"] == ((0, 900), (0, 900))
+    np.testing.assert_allclose(call["fixed"].GetOrigin(), oblique_image(seed=1).GetOrigin())
+
+    # transform: a new grid transform holding the engine's displacement, with references
+    transform = out.transformNode
+    assert transform.IsA("vtkMRMLGridTransformNode") and transform.GetScene() is scene
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(bridge.gridTransformNodeToDisplacement(transform)),
+        sitk.GetArrayFromImage(result.displacement), atol=1e-12)
+    assert transform.GetNodeReference("spatialRegistrationMoving") is moving
+    assert transform.GetNodeReference("spatialRegistrationFixed") is fixed
+    assert moving.GetParentTransformNode() is transform
+    assert fixed.GetParentTransformNode() is None
+
+    # Jacobian overlay centred on 1, folding in red, warped volume
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(out.jacobianVolumeNode),
+                               sitk.GetArrayFromImage(result.jacobian))
+    display = out.jacobianVolumeNode.GetDisplayNode()
+    assert display.GetLevel() == pytest.approx(1.0)
+    assert display.GetColorNode().GetName() == bridge.JACOBIAN_COLOR_NODE_NAME
+    assert out.foldingVolumeNode.IsA("vtkMRMLLabelMapVolumeNode")
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(out.foldingVolumeNode),
+                                  sitk.GetArrayFromImage(result.folding))
+    assert out.foldingVolumeNode.GetDisplayNode().GetColorNode().GetName() == \
+        bridge.FOLDING_COLOR_NODE_NAME
+    assert out.warpedVolumeNode is output_volume
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(output_volume),
+                               sitk.GetArrayFromImage(result.warped), atol=1e-4)
+    warped_geometry = bridge.volumeNodeToImage(output_volume)
+    np.testing.assert_allclose(warped_geometry.GetDirection(), call["fixed"].GetDirection(),
+                               atol=1e-12)
+
+    # QA figures returned and stored on the transform
+    assert out.qa == pytest.approx(slicer_logic.computeQA(result.jacobian))
+    assert 0.0 <= out.foldingPercent < 100.0
+    assert float(transform.GetAttribute("EOIRRegistration.sdlogj")) == \
+        pytest.approx(out.qa["sdlogj"], rel=1e-5)
+    assert out.modelName == "fake-model" and "folding" in out.summary()
+
+    # slice views: fixed + Jacobian overlay + folding labels
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        assert composite.GetBackgroundVolumeID() == fixed.GetID()
+        assert composite.GetForegroundVolumeID() == out.jacobianVolumeNode.GetID()
+        assert composite.GetLabelVolumeID() == out.foldingVolumeNode.GetID()
+
+    # progress: named stages, monotonic, from 0 to 1
+    fractions = [f for _, f in progress]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+    stages = [s for s, _ in progress]
+    assert "reading volumes" in stages and "flow" in stages
+    assert any(s.startswith("creating outputs") for s in stages)
+
+
+def test_overlays_can_be_switched_off(scene, volumes, fake_engine):
+    fixed, moving = volumes
+    before = scene.GetNumberOfNodes()
+    out = slicer_logic.RegistrationLogic(scene).registerVolumes(
+        fixed, moving, showJacobian=False, showFolding=False)
+    assert out.jacobianVolumeNode is None and out.foldingVolumeNode is None
+    assert out.warpedVolumeNode is None
+    assert "sdlogj" in out.qa  # the QA figures are still computed
+    # only the transform node (and nothing else) was added
+    assert scene.GetNumberOfNodes() == before + 1
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == moving.GetID()
+
+
+def test_running_again_into_the_same_transform(scene, volumes, fake_engine):
+    fixed, moving = volumes
+    logic = slicer_logic.RegistrationLogic(scene)
+    first = logic.registerVolumes(fixed, moving)
+    transforms = scene.GetNumberOfNodesByClass("vtkMRMLTransformNode")
+    fake_engine.amplitude = 1.0
+    second = logic.registerVolumes(fixed, moving, outputTransformNode=first.transformNode)
+    assert second.transformNode is first.transformNode
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == transforms
+    # the engine saw the moving volume without the previous result applied
+    a, b = fake_engine.calls
+    np.testing.assert_allclose(a["moving"].GetOrigin(), b["moving"].GetOrigin())
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(bridge.gridTransformNodeToDisplacement(second.transformNode)),
+        sitk.GetArrayFromImage(analytic_displacement(b["fixed"], 1.0)), atol=1e-12)
+    assert moving.GetParentTransformNode() is first.transformNode
+
+
+def test_segmentation_is_propagated_with_names_and_labels(scene, volumes, fake_engine):
+    fixed, moving = volumes
+    segmentation, _ = add_segmentation(scene, moving)
+    out = slicer_logic.RegistrationLogic(scene).registerVolumes(
+        fixed, moving, movingSegmentationNode=segmentation)
+    call = fake_engine.calls[0]
+    assert call["moving_labels"] is not None
+    propagated = out.warpedSegmentationNode
+    assert propagated.IsA("vtkMRMLSegmentationNode")
+    seg = propagated.GetSegmentation()
+    assert [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())] == \
+        ["spleen", "liver"]
+    expected = sitk.GetArrayFromImage(sitk.Resample(
+        call["moving_labels"], call["fixed"],
+        sitk.DisplacementFieldTransform(analytic_displacement(call["fixed"])),
+        sitk.sitkNearestNeighbor, 0))
+    labels, infos = bridge.segmentationToLabelImage(propagated, fixed, scene)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), expected)
+    assert (expected == 1).sum() > 50 and (expected == 2).sum() > 50
+
+
+def test_label_map_is_propagated_nearest_neighbour(scene, volumes, fake_engine):
+    fixed, moving = volumes
+    _, label_node = add_segmentation(scene, moving)
+    out = slicer_logic.RegistrationLogic(scene).registerVolumes(
+        fixed, moving, movingSegmentationNode=label_node)
+    propagated = out.warpedSegmentationNode
+    assert propagated.IsA("vtkMRMLLabelMapVolumeNode")
+    values = set(np.unique(slicer.util.arrayFromVolume(propagated)).tolist())
+    assert values == {0, 2, 5}  # nearest neighbour: no new label values
+    assert propagated.GetDisplayNode().GetColorNodeID() == \
+        label_node.GetDisplayNode().GetColorNodeID()
+
+
+# ---------------------------------------------------------------------------------------------
+# the scene is left as it was after an error or a cancel
+# ---------------------------------------------------------------------------------------------
+
+def _failing(real, calls_before_failure=0, after=False):
+    count = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls_before_failure:
+            if after:
+                real(*args, **kwargs)
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("target, calls_before, after", [
+    ("setGridTransformFromDisplacement", 0, True),
+    ("placeMovingUnderTransform", 0, True),
+    ("showJacobianVolume", 0, True),
+    ("showFoldingLabelmap", 0, False),
+    ("imageToVolumeNode", 2, True),  # third call: the warped output volume
+    ("labelImageToSegmentationNode", 0, False),
+    ("setSliceViewerLayers", 0, True),
+])
+def test_scene_is_left_as_it_was_after_a_failure(scene, volumes, fake_engine, monkeypatch,
+                                                  target, calls_before, after):
+    fixed, moving = volumes
+    logic = slicer_logic.RegistrationLogic(scene)
+    previous = logic.registerVolumes(fixed, moving)  # an earlier result to be reused
+    segmentation, _ = add_segmentation(scene, moving)
+    output_volume = bridge.imageToVolumeNode(oblique_image(seed=7), scene, "old warped")
+    prealign = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "prealign")
+    moving.SetAndObserveTransformNodeID(prealign.GetID())
+    before = scene_state(scene)
+    displacement_before = sitk.GetArrayFromImage(
+        bridge.gridTransformNodeToDisplacement(previous.transformNode))
+
+    monkeypatch.setattr(bridge, target, _failing(getattr(bridge, target), calls_before, after))
+    fake_engine.amplitude = 0.5
+    with pytest.raises(RuntimeError, match="injected failure"):
+        logic.registerVolumes(fixed, moving, outputTransformNode=previous.transformNode,
+                              outputVolumeNode=output_volume,
+                              movingSegmentationNode=segmentation)
+    assert scene_state(scene) == before
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(bridge.gridTransformNodeToDisplacement(previous.transformNode)),
+        displacement_before)
+
+
+def test_scene_is_untouched_after_a_cancel_during_the_engine(scene, volumes, fake_engine):
+    fixed, moving = volumes
+    segmentation, _ = add_segmentation(scene, moving)
+    before = scene_state(scene)
+    cancel = threading.Event()
+
+    def progress(stage, fraction):
+        if stage == "features":
+            cancel.set()
+
+    with pytest.raises(RegistrationCancelled):
+        slicer_logic.RegistrationLogic(scene).registerVolumes(
+            fixed, moving, movingSegmentationNode=segmentation, progressCallback=progress,
+            cancelEvent=cancel)
+    assert scene_state(scene) == before
+
+
+@pytest.mark.parametrize("cancel_at", ["creating outputs: folding", "creating outputs: slice views"])
+def test_scene_is_left_as_it_was_after_a_cancel_while_creating_outputs(
+        scene, volumes, fake_engine, cancel_at):
+    fixed, moving = volumes
+    output_volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped")
+    before = scene_state(scene)
+    cancel = threading.Event()
+
+    def progress(stage, fraction):
+        if stage == cancel_at:
+            cancel.set()
+
+    with pytest.raises(RegistrationCancelled):
+        slicer_logic.RegistrationLogic(scene).registerVolumes(
+            fixed, moving, outputVolumeNode=output_volume, progressCallback=progress,
+            cancelEvent=lambda: cancel.is_set())  # a callable works as well as an Event
+    assert scene_state(scene) == before
+
+
+def test_bad_inputs_are_refused_before_anything_changes(scene, volumes, fake_engine):
+    fixed, moving = volumes
+    logic = slicer_logic.RegistrationLogic(scene)
+    label = bridge.imageToVolumeNode(sitk.Image(4, 4, 4, sitk.sitkUInt8), scene, "lab",
+                                     className="vtkMRMLLabelMapVolumeNode")
+    applied_to_fixed = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "onFixed")
+    fixed.SetAndObserveTransformNodeID(applied_to_fixed.GetID())
+    before = scene_state(scene)
+    cases = [
+        (dict(fixedVolumeNode=fixed, movingVolumeNode=fixed), "same"),
+        (dict(fixedVolumeNode=None, movingVolumeNode=moving), "fixed and a moving"),
+        (dict(fixedVolumeNode=label, movingVolumeNode=moving), "label map"),
+        (dict(fixedVolumeNode=fixed, movingVolumeNode=moving, outputVolumeNode=moving), "output"),
+        (dict(fixedVolumeNode=fixed, movingVolumeNode=moving,
+              outputTransformNode=applied_to_fixed), "applied to the fixed"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError, match=message):
+            logic.registerVolumes(**kwargs)
+    assert fake_engine.calls == []
+    assert scene_state(scene) == before
+
+
+def test_a_result_off_the_fixed_grid_is_refused(scene, volumes, fake_engine):
+    fixed, moving = volumes
+    logic = slicer_logic.RegistrationLogic(scene)
+    inputs = logic.prepareInputs(fixed, moving)
+    result = fake_engine(inputs.fixedImage, inputs.movingImage)
+    shifted = sitk.Image(result.displacement)
+    shifted.SetOrigin([o + 0.5 for o in shifted.GetOrigin()])
+    result.displacement = shifted
+    before = scene_state(scene)
+    with pytest.raises(RuntimeError, match="not on the fixed volume's grid"):
+        logic.createOutputs(inputs, result)
+    assert scene_state(scene) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# background run (what the GUI uses)
+# ---------------------------------------------------------------------------------------------
+
+def test_background_registration_reports_progress_and_result(scene, volumes, monkeypatch):
+    engine = FakeEngine(delay=0.05)
+    monkeypatch.setattr(slicer_logic, "_engineRegister", lambda: engine)
+    fixed, moving = volumes
+    logic = slicer_logic.RegistrationLogic(scene)
+    inputs = logic.prepareInputs(fixed, moving)
+    before = scene.GetNumberOfNodes()
+    job = slicer_logic.BackgroundRegistration(inputs, model="default", device="cpu").start()
+    seen = []
+    while not job.done:
+        seen.append(job.poll())
+        time.sleep(0.01)
+    assert job.error is None and job.result is not None
+    assert scene.GetNumberOfNodes() == before  # the worker never touches the scene
+    assert any(stage == "flow" for stage, *_ in seen)
+    assert all(0.0 <= fraction <= 1.0 for _, fraction, *_ in seen)
+    out = logic.createOutputs(inputs, job.result)
+    assert moving.GetParentTransformNode() is out.transformNode
+
+
+def test_background_registration_can_be_cancelled(scene, volumes, monkeypatch):
+    engine = FakeEngine(delay=0.2)
+    monkeypatch.setattr(slicer_logic, "_engineRegister", lambda: engine)
+    fixed, moving = volumes
+    inputs = slicer_logic.RegistrationLogic(scene).prepareInputs(fixed, moving)
+    job = slicer_logic.BackgroundRegistration(inputs).start()
+    job.cancel()
+    assert job.wait(timeout=10)
+    assert isinstance(job.error, RegistrationCancelled)
+    assert job.result is None
+    assert "cancelled" in slicer_logic.describeError(job.error)
+
+
+#: A stand-alone fake engine for the worker process (imports only numpy and SimpleITK, so the
+#: child starts fast); same analytic displacement as FakeEngine.
+FAKE_ENGINE_MODULE = '''
+import os, time, types
+import numpy as np
+import SimpleITK as sitk
+
+
+def register(fixed, moving, model="default", device="auto", moving_labels=None,
+             working_spacing=None, intensity_window=None, progress=None, cancel=None):
+    failure = os.environ.get("EOIR_FAKE_FAIL")
+    if failure == "crash":
+        os._exit(3)
+    if failure == "input":
+        from EOIRRegistrationLib.errors import InputError
+        raise InputError("the fixed image is constant")
+    for stage, fraction in (("loading model", 0.1), ("features", 0.4), ("flow", 0.8)):
+        if cancel is not None and cancel():
+            from EOIRRegistrationLib.errors import RegistrationCancelled
+            raise RegistrationCancelled("cancelled")
+        time.sleep(float(os.environ.get("EOIR_FAKE_DELAY", "0")))
+        progress(stage, fraction)
+    k, j, i = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in reversed(fixed.GetSize())],
+                          indexing="ij")
+    d = 2.0 * np.stack([np.sin(i / 5.0), -np.cos(j / 4.0), 0.5 * np.sin(k / 3.0)], axis=-1)
+    field = sitk.GetImageFromArray(d, isVector=True)
+    field.CopyInformation(fixed)
+    tx = sitk.DisplacementFieldTransform(sitk.Image(field))
+    jac = sitk.Cast(sitk.DisplacementFieldJacobianDeterminant(field), sitk.sitkFloat32)
+    labels = None
+    if moving_labels is not None:
+        labels = sitk.Resample(moving_labels, fixed, tx, sitk.sitkNearestNeighbor, 0,
+                               moving_labels.GetPixelID())
+    return types.SimpleNamespace(
+        displacement=field, warped=sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0,
+                                                 sitk.sitkFloat32),
+        jacobian=jac, folding=sitk.Cast(jac <= 0, sitk.sitkUInt8), warped_labels=labels,
+        qa={"folding_percent": 0.0, "sdlogj": 0.1, "jacobian_min": 0.5, "jacobian_max": 1.5},
+        timings={"flow": 0.01}, model_name="fake-model", device="cpu")
+'''
+
+
+@pytest.fixture
+def worker_env(monkeypatch, tmp_path_factory):
+    """Let the worker process import the stand-alone fake engine (``eoir_fake_engine``)."""
+    fake_dir = tmp_path_factory.mktemp("fake_engine")
+    (fake_dir / "eoir_fake_engine.py").write_text(FAKE_ENGINE_MODULE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake_dir), str(LIB_PARENT),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("EOIR_FAKE_FAIL", raising=False)
+    monkeypatch.delenv("EOIR_FAKE_DELAY", raising=False)
+    return monkeypatch
+
+
+def test_process_registration_runs_the_engine_in_a_child_process(scene, volumes, worker_env,
+                                                                 tmp_path):
+    fixed, moving = volumes
+    segmentation, _ = add_segmentation(scene, moving)
+    logic = slicer_logic.RegistrationLogic(scene)
+    inputs = logic.prepareInputs(fixed, moving, segmentation)
+    job = slicer_logic.ProcessRegistration(inputs, engine="eoir_fake_engine:register",
+                                           model="default", device="cpu", workingSpacing=1.5,
+                                           tempDir=str(tmp_path)).start()
+    assert job.jobDir.exists()
+    assert job.wait(timeout=120), "worker did not finish"
+    assert job.error is None, job.error
+    assert not job.jobDir.exists()  # temporary files removed
+    result = job.result
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.displacement),
+                               sitk.GetArrayFromImage(analytic_displacement(inputs.fixedImage)),
+                               atol=1e-12)
+    np.testing.assert_allclose(result.displacement.GetDirection(),
+                               inputs.fixedImage.GetDirection(), atol=1e-12)
+    assert result.warped_labels is not None and result.model_name == "fake-model"
+    stage, fraction, elapsed, _ = job.poll()
+    assert stage == "done" and elapsed > 0
+    out = logic.createOutputs(inputs, result)
+    assert moving.GetParentTransformNode() is out.transformNode
+    assert out.warpedSegmentationNode.GetSegmentation().GetNumberOfSegments() == 2
+
+
+def test_process_registration_cancel_and_errors(scene, volumes, worker_env, tmp_path):
+    fixed, moving = volumes
+    inputs = slicer_logic.RegistrationLogic(scene).prepareInputs(fixed, moving)
+    engine = "eoir_fake_engine:register"
+
+    worker_env.setenv("EOIR_FAKE_DELAY", "0.5")
+    job = slicer_logic.ProcessRegistration(inputs, engine=engine, tempDir=str(tmp_path)).start()
+    job.cancel()
+    assert job.wait(timeout=120)
+    assert isinstance(job.error, RegistrationCancelled) and job.result is None
+    assert not job.jobDir.exists()
+
+    worker_env.setenv("EOIR_FAKE_DELAY", "0")
+    worker_env.setenv("EOIR_FAKE_FAIL", "input")
+    job = slicer_logic.ProcessRegistration(inputs, engine=engine, tempDir=str(tmp_path)).start()
+    assert job.wait(timeout=120)
+    assert isinstance(job.error, InputError) and "constant" in str(job.error)
+
+    worker_env.setenv("EOIR_FAKE_FAIL", "crash")
+    job = slicer_logic.ProcessRegistration(inputs, engine=engine, tempDir=str(tmp_path)).start()
+    assert job.wait(timeout=120)
+    assert isinstance(job.error, RuntimeError) and "exit status 3" in str(job.error)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# bundled models are listed without importing torch
+# ---------------------------------------------------------------------------------------------
+
+def test_bundled_models_are_listed_without_torch(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    payload = {"format": "eoir-registration-model", "format_version": 1, "architecture": "eoir",
+               "config": {"ns": 8}, "state_dict": {"w": torch.zeros(3)},
+               "card": {"description": "Brain MRI, 2 mm, trained on synthetic shapes\nmore"}}
+    torch.save(payload, tmp_path / "alpha.pt")
+    torch.save({"format": "x", "card": {}}, tmp_path / "beta.pt")
+    (tmp_path / "gamma.pt").write_bytes(b"not a zip file")
+    (tmp_path / "delta.pt").write_bytes(b"")
+    (tmp_path / "delta.json").write_text('{"description": "from the json card"}')
+    monkeypatch.setattr(slicer_logic, "BUNDLED_MODELS_DIR", tmp_path)
+    monkeypatch.setattr(slicer_logic, "defaultModelName", lambda: "delta")
+    listed = slicer_logic.listBundledModels()
+    assert listed[0].name == "delta"  # the engine's default first, then by name
+    assert [m.name for m in listed[1:]] == ["alpha", "beta", "gamma"]
+    models = {m.name: m.description for m in listed}
+    assert models == {"alpha": "Brain MRI, 2 mm, trained on synthetic shapes", "beta": "",
+                      "gamma": "", "delta": "from the json card"}
+    # the default name read from the engine's source is the engine's own
+    from EOIRRegistrationLib import modelfile
+
+    monkeypatch.undo()
+    assert slicer_logic.defaultModelName() == modelfile.DEFAULT_MODEL
+
+    # and in a fresh interpreter the panel's imports do not pull torch in
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(LIB_PARENT)!r})\n"
+        "from EOIRRegistrationLib import slicer_logic, slicer_bridge\n"
+        "slicer_logic.listBundledModels()\n"
+        "slicer_logic.gpuProbablyAvailable()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the real engine on a tiny pair
+# ---------------------------------------------------------------------------------------------
+
+def test_real_engine_improves_overlap_with_little_folding(scene):
+    """The same assertions as EOIRRegistrationTest.test_RegisterSyntheticPair inside Slicer."""
+    pytest.importorskip("torch")
+    try:
+        import EOIRRegistrationLib.pipeline  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if "pipeline" not in str(exc):
+            raise
+        pytest.skip("the engine (EOIRRegistrationLib.pipeline) is not in this checkout yet")
+    if not slicer_logic.listBundledModels():
+        pytest.skip("no bundled model (EOIRRegistrationLib/bundled_models/*.pt) in this checkout yet")
+    fixed_img, moving_img, fixed_labels, moving_labels = slicer_logic.syntheticTestPair()
+    fixed = bridge.imageToVolumeNode(fixed_img, scene, "fixed")
+    moving = bridge.imageToVolumeNode(moving_img, scene, "moving")
+    label_node = bridge.imageToVolumeNode(moving_labels, scene, "moving labels",
+                                          className="vtkMRMLLabelMapVolumeNode")
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped")
+    out = slicer_logic.RegistrationLogic(scene).registerVolumes(
+        fixed, moving, model="default", device="cpu", outputVolumeNode=output,
+        movingSegmentationNode=label_node)
+    before = slicer_logic.diceCoefficient(fixed_labels, moving_labels)
+    after = slicer_logic.diceCoefficient(fixed_labels,
+                                         slicer.util.arrayFromVolume(out.warpedSegmentationNode))
+    assert after > before + 0.05, (before, after)
+    fixed_arr = sitk.GetArrayFromImage(fixed_img)
+    mse_before = np.mean((sitk.GetArrayFromImage(moving_img) - fixed_arr) ** 2)
+    mse_after = np.mean((slicer.util.arrayFromVolume(output) - fixed_arr) ** 2)
+    assert mse_after < mse_before
+    assert out.foldingPercent < 1.0
+    assert moving.GetParentTransformNode() is out.transformNode
+
+
+@pytest.fixture(scope="module")
+def untrained_model_file(tmp_path_factory):
+    """A small EOIR model with random weights (large enough output to move voxels by millimetres):
+    not for accuracy, for checking that the real engine's result lands in Slicer correctly."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("EOIRRegistrationLib.pipeline")
+    from EOIRRegistrationLib import modelfile
+    from EOIRRegistrationLib.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("eoir", {"channels": 4, "levels": 3})
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".out." in name:
+                parameter.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("models") / "untrained.pt"
+    modelfile.save_model(path, model, {"description": "untrained test model",
+                                       "working_spacing_mm": [2.0, 2.0, 2.0]})
+    return str(path)
+
+
+def test_real_engine_result_lands_in_slicer_as_the_engine_computed_it(scene, untrained_model_file,
+                                                                      monkeypatch):
+    """Real engine (untrained model) on an oblique pair: the transform node holds the engine's
+    displacement, the warped volume is the engine's, and Slicer's own hardenTransform of the
+    moving volume resamples it like ITK does with the engine's field."""
+    from EOIRRegistrationLib import pipeline
+
+    results = []
+
+    def spy(*args, **kwargs):
+        results.append(pipeline.register(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(slicer_logic, "_engineRegister", lambda: spy)
+    fixed_img = oblique_image(size=(24, 22, 20), spacing=(1.5, 1.7, 2.0), seed=3)
+    moving_img = oblique_image(size=(22, 24, 18), spacing=(1.6, 1.5, 2.1), origin=(9.0, -4.0, 1.0),
+                               angle=0.25, seed=4)
+    fixed = bridge.imageToVolumeNode(fixed_img, scene, "fixed")
+    moving = bridge.imageToVolumeNode(moving_img, scene, "moving")
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped")
+    out = slicer_logic.RegistrationLogic(scene).registerVolumes(
+        fixed, moving, model=untrained_model_file, device="cpu", outputVolumeNode=output)
+    result = results[0]
+    d = sitk.GetArrayFromImage(result.displacement)
+    assert np.abs(d).max() > 1.0  # the untrained model does move voxels
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(bridge.gridTransformNodeToDisplacement(out.transformNode)), d,
+        atol=1e-12)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(output),
+                                  sitk.GetArrayFromImage(result.warped))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(out.jacobianVolumeNode),
+                                  sitk.GetArrayFromImage(result.jacobian))
+    assert out.qa == pytest.approx(result.qa)
+
+    # Slicer's own resampling of the moving volume through the transform node
+    transform_logic = slicer.vtkSlicerTransformLogic()
+    transform_logic.SetMRMLScene(scene)
+    transform_logic.hardenTransform(moving)
+    hardened = bridge.volumeNodeToImage(moving)
+    itk = sitk.Resample(moving_img, hardened, sitk.DisplacementFieldTransform(
+        sitk.Image(result.displacement)), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    # compare where the hardened voxel lies well inside the fixed grid (the field's domain)
+    # compare where the hardened voxel lies well inside the fixed grid (the field's domain) and
+    # maps to a point well inside the moving volume (outside it ITK gives 0, Slicer the border)
+    h_arr, i_arr = sitk.GetArrayFromImage(hardened), sitk.GetArrayFromImage(itk)
+    field = sitk.DisplacementFieldTransform(sitk.Image(result.displacement))
+
+    def well_inside(image, point):
+        c = np.array(image.TransformPhysicalPointToContinuousIndex(point))
+        return np.all(c > 1.0) and np.all(c < np.array(image.GetSize()) - 2.0)
+
+    inside = np.zeros(h_arr.shape, bool)
+    for k in range(h_arr.shape[0]):
+        for j in range(h_arr.shape[1]):
+            for i in range(h_arr.shape[2]):
+                x = hardened.TransformIndexToPhysicalPoint((i, j, k))
+                inside[k, j, i] = well_inside(fixed_img, x) and \
+                    well_inside(moving_img, field.TransformPoint(x))
+    assert inside.sum() > 1000
+    np.testing.assert_allclose(h_arr[inside], i_arr[inside], atol=0.05)
+    # ... and the engine's warped image is ITK's resampling of the moving through the same field
+    itk_fixed = sitk.Resample(moving_img, fixed_img, sitk.DisplacementFieldTransform(
+        sitk.Image(result.displacement)), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.warped),
+                               sitk.GetArrayFromImage(itk_fixed), atol=0.05)
+
+
+def test_real_engine_runs_in_the_worker_process(scene, untrained_model_file, tmp_path):
+    """The GUI path: the real engine in a child process, results read back into the scene."""
+    fixed_img, moving_img, _, moving_labels = slicer_logic.syntheticTestPair(size=24)
+    fixed = bridge.imageToVolumeNode(fixed_img, scene, "fixed")
+    moving = bridge.imageToVolumeNode(moving_img, scene, "moving")
+    labels = bridge.imageToVolumeNode(moving_labels, scene, "labels",
+                                      className="vtkMRMLLabelMapVolumeNode")
+    logic = slicer_logic.RegistrationLogic(scene)
+    inputs = logic.prepareInputs(fixed, moving, labels)
+    progress = []
+    job = slicer_logic.ProcessRegistration(inputs, model=untrained_model_file, device="cpu",
+                                           tempDir=str(tmp_path)).start()
+    while not job.done:
+        progress.append(job.poll()[:2])
+        time.sleep(0.05)
+    assert job.error is None, f"{job.error}"
+    # Polling sees whichever stage is current; short stages may pass between two polls.
+    from EOIRRegistrationLib.pipeline import STAGES
+    assert {stage for stage, _ in progress} & set(STAGES)
+    assert job.result.model_name == "untrained" and job.result.device == "cpu"
+    out = logic.createOutputs(inputs, job.result)
+    assert out.warpedSegmentationNode.IsA("vtkMRMLLabelMapVolumeNode")
+    assert set(np.unique(slicer.util.arrayFromVolume(out.warpedSegmentationNode))) <= {0, 1, 2}
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,304 @@
+"""The module panel without the Slicer application: the .ui file parses, every widget the code
+looks up exists, every ``SlicerParameterName`` matches a parameter-node field of a type its widget
+can show, and the module file keeps heavy imports out of module load."""
+from __future__ import annotations
+
+import ast
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+MODULE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
+MODULE_FILE = MODULE_DIR / "EOIRRegistration.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "EOIRRegistration.ui"
+
+#: widget classes the parameterNodeWrapper GUI connectors accept for each field kind
+CONNECTOR_WIDGETS = {
+    "node": {"qMRMLNodeComboBox"},
+    "bool": {"QCheckBox", "QPushButton"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget"},
+    "int": {"QSpinBox", "QSlider"},
+    "choice": {"QComboBox"},
+    "str": {"QLineEdit", "QTextEdit"},
+}
+
+
+@pytest.fixture(scope="module")
+def ui_tree():
+    return ET.parse(UI_FILE)
+
+
+@pytest.fixture(scope="module")
+def widgets(ui_tree):
+    """name -> (class, {property name: element})"""
+    found = {}
+    for element in ui_tree.iter("widget"):
+        props = {p.get("name"): p for p in element.findall("property")}
+        found[element.get("name")] = (element.get("class"), props)
+    return found
+
+
+@pytest.fixture(scope="module")
+def module_ast():
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+
+
+def parameter_fields(module_ast) -> dict:
+    """Fields of the @parameterNodeWrapper class: name -> annotation source."""
+    for node in module_ast.body:
+        if isinstance(node, ast.ClassDef) and any(
+                (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list):
+            return {stmt.target.id: ast.unparse(stmt.annotation) for stmt in node.body
+                    if isinstance(stmt, ast.AnnAssign)}
+    raise AssertionError("no @parameterNodeWrapper class in EOIRRegistration.py")
+
+
+def field_kind(annotation: str) -> str:
+    if "vtkMRML" in annotation:
+        return "node"
+    if "Choice(" in annotation:
+        return "choice"
+    for kind in ("bool", "float", "int", "str"):
+        if re.search(rf"\b{kind}\b", annotation):
+            return kind
+    raise AssertionError(f"unknown parameter type {annotation}")
+
+
+def text(prop):
+    child = list(prop)[0]
+    if child.tag == "stringlist":
+        return [s.text for s in child]
+    return child.text
+
+
+def test_ui_file_is_a_slicer_module_panel(ui_tree, widgets):
+    root = ui_tree.getroot()
+    assert root.tag == "ui" and root.findtext("class") == "EOIRRegistration"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "EOIRRegistration"
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    used = {cls for cls, _ in widgets.values()}
+    assert {c for c in used if c.startswith(("q", "ctk"))} <= declared
+    # every node selector gets the scene from the panel
+    connected = {(c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
+                 for c in root.iter("connection")}
+    for name, (cls, _) in widgets.items():
+        if cls == "qMRMLNodeComboBox":
+            assert ("mrmlSceneChanged(vtkMRMLScene*)", name, "setMRMLScene(vtkMRMLScene*)") in connected
+    # advanced settings start collapsed; the apply button, progress bar and status line exist
+    assert text(widgets["advancedCollapsibleButton"][1]["collapsed"]) == "true"
+    assert widgets["applyButton"][0] == "QPushButton"
+    assert widgets["progressBar"][0] == "QProgressBar"
+    assert widgets["statusLabel"][0] == "QLabel"
+
+
+def test_every_widget_the_code_looks_up_exists(widgets):
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    looked_up = set(re.findall(r"self\.ui\.(\w+)", source))
+    # names used through getattr(self.ui, name) in loops
+    looked_up |= set(re.findall(
+        r"\"(\w+(?:SpinBox|CollapsibleButton|Selector|ComboBox|CheckBox|Button|Label|Bar))\"", source))
+    assert looked_up, "the module looks up no widgets?"
+    missing = sorted(looked_up - set(widgets))
+    assert not missing, f"widgets used in EOIRRegistration.py but missing from the .ui: {missing}"
+
+
+def test_parameter_names_match_parameter_node_fields(widgets, module_ast):
+    fields = parameter_fields(module_ast)
+    bound = {}
+    for name, (cls, props) in widgets.items():
+        if "SlicerParameterName" in props:
+            bound[text(props["SlicerParameterName"])] = (name, cls)
+    unknown = sorted(set(bound) - set(fields))
+    assert not unknown, f"SlicerParameterName without a parameter-node field: {unknown}"
+    for parameter, (widget_name, cls) in bound.items():
+        kind = field_kind(fields[parameter])
+        assert cls in CONNECTOR_WIDGETS[kind], \
+            f"{widget_name} ({cls}) cannot show {parameter}: {fields[parameter]}"
+    # every field has a widget, except the model (the combo box lists models with descriptions
+    # and a "load model file" entry, so the code manages it)
+    assert set(fields) - set(bound) == {"model"}
+    assert "self._parameterNode.model = " in MODULE_FILE.read_text(encoding="utf-8")
+
+
+def test_node_selectors_list_the_node_types_of_their_fields(widgets, module_ast):
+    fields = parameter_fields(module_ast)
+    for name, (cls, props) in widgets.items():
+        if cls != "qMRMLNodeComboBox" or "SlicerParameterName" not in props:
+            continue
+        annotation = fields[text(props["SlicerParameterName"])]
+        node_types = text(props["nodeTypes"])
+        assert sorted(node_types) == sorted(re.findall(r"vtkMRML\w+", annotation)), name
+    # fixed and moving selectors do not offer label maps
+    for name in ("fixedVolumeSelector", "movingVolumeSelector"):
+        assert text(widgets[name][1]["showChildNodeTypes"]) == "false"
+    # the output transform defaults to a new one
+    assert text(widgets["outputTransformSelector"][1]["noneDisplay"]) == "Create new transform"
+
+
+def test_module_defines_the_five_slicer_classes(module_ast):
+    classes = {node.name: [ast.unparse(b) for b in node.bases]
+               for node in module_ast.body if isinstance(node, ast.ClassDef)}
+    assert "ScriptedLoadableModule" in classes["EOIRRegistration"]
+    assert "ScriptedLoadableModuleWidget" in classes["EOIRRegistrationWidget"]
+    assert "ScriptedLoadableModuleLogic" in classes["EOIRRegistrationLogic"]
+    assert "ScriptedLoadableModuleTest" in classes["EOIRRegistrationTest"]
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert 'self.parent.categories = ["Registration"]' in source
+    for method in ("def registerVolumes(", "def runTest(", "def test_RegisterSyntheticPair("):
+        assert method in source
+
+
+def test_nothing_heavy_is_imported_at_module_load(module_ast):
+    allowed = {"logging", "os", "shutil", "sys", "typing", "ctk", "qt", "vtk", "slicer",
+               "slicer.ScriptedLoadableModule", "slicer.util", "slicer.parameterNodeWrapper",
+               "vtkSlicerSegmentationsModuleMRMLPython"}
+
+    def top_level_imports(body):
+        for node in body:
+            if isinstance(node, ast.Import):
+                yield from (alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                yield node.module
+            elif isinstance(node, ast.Try):
+                yield from top_level_imports(node.body)
+                for handler in node.handlers:
+                    yield from top_level_imports(handler.body)
+
+    imported = set(top_level_imports(module_ast.body))
+    assert imported <= allowed, f"heavy imports at module load: {sorted(imported - allowed)}"
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert "import torch" not in source  # torch runs only in the worker process
+
+
+def test_lazy_engine_imports_name_things_that_exist(module_ast):
+    """Every ``from EOIRRegistrationLib.x import y`` inside the module's functions resolves."""
+    pytest.importorskip("slicer")
+    import importlib
+
+    checked = 0
+    for node in ast.walk(module_ast):
+        if isinstance(node, ast.ImportFrom) and node.module and \
+                node.module.startswith("EOIRRegistrationLib"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"{node.module} has no {alias.name}"
+                checked += 1
+    assert checked >= 5
+
+
+def test_ui_loads_in_qt(widgets):
+    """Load the .ui with Qt's own loader (PySide6, offscreen) when it is installed: custom Slicer
+    widgets fall back to their declared base class, every named widget must be created."""
+    QtUiTools = pytest.importorskip("PySide6.QtUiTools")
+    import os
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from PySide6 import QtCore, QtWidgets
+
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    loader = QtUiTools.QUiLoader()
+    ui_file = QtCore.QFile(str(UI_FILE))
+    assert ui_file.open(QtCore.QFile.ReadOnly)
+    panel = loader.load(ui_file)
+    ui_file.close()
+    assert panel is not None, loader.errorString()
+    assert panel.objectName() == "EOIRRegistration"
+    for name in set(widgets) - {"EOIRRegistration"}:
+        assert panel.findChild(QtCore.QObject, name) is not None, name
+    panel.deleteLater()
+    app.processEvents()
+
+
+@pytest.fixture
+def module_with_stub_application(monkeypatch):
+    """Import EOIRRegistration.py against slicer-core, with stand-ins for the pieces only the
+    Slicer application has (ScriptedLoadableModule base classes, parameterNodeWrapper, qt, ctk,
+    slicer.app). The logic and the self-test then run on a real MRML scene."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core is not installed")
+    import importlib.util
+    import sys
+    import types
+    import unittest
+
+    from EOIRRegistrationLib import slicer_bridge
+
+    scene, app_logic = slicer_bridge.createStandaloneScene()
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+        def getParameterNode(self):
+            return scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=0):
+            print(message)
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
+                ScriptedLoadableModuleTest):
+        setattr(slm, cls.__name__, cls)
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = lambda cls: cls
+    pnw.Choice = lambda choices: ("Choice", tuple(choices))
+    pnw.WithinRange = lambda low, high: ("WithinRange", low, high)
+    app = types.SimpleNamespace(applicationLogic=lambda: app_logic, temporaryPath="/tmp",
+                                testingEnabled=lambda: True)
+    for name, module in (("slicer.ScriptedLoadableModule", slm),
+                         ("slicer.parameterNodeWrapper", pnw),
+                         ("qt", types.ModuleType("qt")), ("ctk", types.ModuleType("ctk"))):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    spec = importlib.util.spec_from_file_location("EOIRRegistration_under_test", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, scene
+
+
+def test_module_logic_and_self_test_run_on_slicer_core(module_with_stub_application):
+    module, scene = module_with_stub_application
+    import types
+
+    info = module.EOIRRegistration(types.SimpleNamespace())
+    assert info.parent.title == "EOIR Registration"
+    assert info.parent.categories == ["Registration"]
+    assert "cite" in info.parent.helpText.lower() and "TransformFromParent" in info.parent.helpText
+    # the module-level class names the parameter node fields the .ui binds
+    assert "fixedVolume" in module.EOIRRegistrationParameterNode.__annotations__
+
+    # the Slicer self-test's cancel case, for real on the MRML core
+    test = module.EOIRRegistrationTest("test_CancelLeavesSceneAsItWas")
+    test.setUp = lambda: scene.Clear(0)
+    result = test.defaultTestResult()
+    test.run(result)
+    assert result.wasSuccessful(), result.errors + result.failures
+
+    # the full self-test when the engine and a bundled model are present
+    from EOIRRegistrationLib.slicer_logic import listBundledModels
+
+    try:
+        import EOIRRegistrationLib.pipeline  # noqa: F401
+        engine = bool(listBundledModels())
+    except ModuleNotFoundError:
+        engine = False
+    if engine:
+        test = module.EOIRRegistrationTest("test_RegisterSyntheticPair")
+        result = test.defaultTestResult()
+        test.run(result)
+        assert result.wasSuccessful(), result.errors + result.failures
