@@ -10,6 +10,7 @@ from EOIRRegistrationLib import geometry, modelfile
 from EOIRRegistrationLib.errors import DeviceError, InputError, RegistrationCancelled
 from EOIRRegistrationLib.models import build_model
 from EOIRRegistrationLib.phantom import make_phantom_pair
+from EOIRRegistrationLib import pipeline as pipeline_module
 from EOIRRegistrationLib.pipeline import register
 from EOIRRegistrationLib.refine import RefineConfig
 from helpers import oblique_image
@@ -166,4 +167,37 @@ def test_bad_images_are_refused_with_the_reason(fixed_moving, make, match):
 def test_cuda_request_without_a_gpu_is_a_clear_error(fixed_moving, tmp_path):
     fixed, moving = fixed_moving
     with pytest.raises(DeviceError, match="no CUDA GPU"):
+        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cuda")
+
+
+def _oom_on_cuda(calls):
+    real = pipeline_module.run_network
+
+    def fake(loaded, fixed, moving, device):
+        calls.append(device.type)
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(loaded, fixed, moving, device)
+    return fake
+
+
+def test_gpu_out_of_memory_falls_back_to_cpu_with_auto(fixed_moving, tmp_path, monkeypatch):
+    fixed, moving = fixed_moving
+    calls, stages = [], []
+    monkeypatch.setattr(pipeline_module, "resolve_device", lambda spec: torch.device("cuda"))
+    monkeypatch.setattr(pipeline_module, "run_network", _oom_on_cuda(calls))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="auto",
+                      progress=lambda s, f: stages.append(s))
+    assert calls == ["cuda", "cpu"] and result.device == "cpu"
+    assert any("out of memory" in s for s in stages)
+
+
+def test_gpu_out_of_memory_with_explicit_cuda_is_a_clear_error(fixed_moving, tmp_path,
+                                                               monkeypatch):
+    fixed, moving = fixed_moving
+    monkeypatch.setattr(pipeline_module, "resolve_device", lambda spec: torch.device("cuda"))
+    monkeypatch.setattr(pipeline_module, "run_network", _oom_on_cuda([]))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with pytest.raises(DeviceError, match="ran out of memory.*coarser working spacing"):
         register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cuda")
