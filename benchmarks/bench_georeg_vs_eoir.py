@@ -1,4 +1,4 @@
-"""Peak memory and seconds of one training step and one inference step, GeoReg vs EOIR.
+r"""Peak memory and seconds of one training step and one inference step, GeoReg vs EOIR.
 
 Every (model, step, size) runs in a fresh Python subprocess, so a peak cannot leak from one
 configuration into the next:
@@ -16,7 +16,8 @@ smooth random volumes in [0, 1]. Times are the median over ``--repeats`` steps a
 step (oneDNN builds its kernels on the first call). Nothing is asserted: this prints figures.
 
     python benchmarks/bench_georeg_vs_eoir.py --sizes 64x64x64 96x112x96 --threads 1
-    python benchmarks/bench_georeg_vs_eoir.py --device cuda --georeg-config '{"mixed_precision": true}'
+    python benchmarks/bench_georeg_vs_eoir.py --device cuda \
+        --georeg-config '{"mixed_precision": true}'
 """
 from __future__ import annotations
 

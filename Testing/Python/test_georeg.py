@@ -199,7 +199,7 @@ def test_padded_neighbours_get_exactly_zero_weight():
         masked_softmax(logits, valid.float())
 
 
-def _naive_attention(step, f, x, neighbours, kv_feats, rel, matrix):
+def _naive_attention(step, f, kv_feats, rel, matrix):
     """Reference tau/delta for one point: explicit valid neighbour list, keys/values built with
     their Fourier encoding materialised, softmax over the valid neighbours only."""
     kproj, vproj = step.project_grid(kv_feats).chunk(2, dim=-1)
@@ -235,7 +235,7 @@ def test_refine_step_equals_naive_reference_near_borders():
                   if all(0 <= yi < s for yi, s in zip(y, shape))]
             flat_idx = [(y[0] * shape[1] + y[1]) * shape[2] + y[2] for y in ys]
             rel = x[0, i] - grid[flat_idx]
-            ref, _, _ = _naive_attention(step, f[0, i], x[0, i], ys, feats[0, flat_idx], rel, matrix)
+            ref, _, _ = _naive_attention(step, f[0, i], feats[0, flat_idx], rel, matrix)
             assert torch.allclose(got[0, i], ref, atol=1e-5), (i, got[0, i], ref)
 
 
@@ -261,7 +261,7 @@ def test_interpolation_step_equals_naive_reference():
             ps = [p for p in ps if all(0 <= pi < s for pi, s in zip(p, pshape))]
             idx = [(p[0] * pshape[1] + p[1]) * pshape[2] + p[2] for p in ps]
             rel = x_hat[0, i] - ppos[0, idx]
-            ref, _, _ = _naive_attention(step, f[0, i], None, ps, pfeats[0, idx], rel, matrix)
+            ref, _, _ = _naive_attention(step, f[0, i], pfeats[0, idx], rel, matrix)
             assert torch.allclose(got[0, i], ref, atol=1e-5), i
 
 
@@ -296,6 +296,19 @@ def test_gradients_reach_every_parameter():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_objective_dice_term_and_tiny_levels():
+    model = tiny_model()
+    fixed, moving = pair()
+    labels_f = (fixed > 0.5).long() + (fixed > 0.7).long()
+    labels_m = (moving > 0.5).long() + (moving > 0.7).long()
+    plain = OBJECTIVES["georeg"](model, fixed, moving, ObjectiveConfig())  # windows > 4^3 level
+    dice = OBJECTIVES["georeg"](model, fixed, moving, ObjectiveConfig(dice_weight=1.0),
+                                labels_f, labels_m)
+    assert torch.isfinite(plain.total) and torch.isfinite(dice.total)
+    assert dice.similarity > plain.similarity  # the (positive) Dice loss was added
+    assert torch.equal(dice.regularity, plain.regularity)
 
 
 def test_layout_chunking_and_checkpointing_do_not_change_results():

@@ -272,9 +272,10 @@ class _Attention(nn.Module):
         self.pe_v = nn.Linear(2 * fourier, c, bias=False)
         self.out_proj = nn.Linear(c, c)
         self.norm1 = nn.LayerNorm(c)
-        self.ffn = nn.Sequential(nn.Linear(c, ffn_ratio * c), nn.ReLU(), nn.Linear(ffn_ratio * c, c))
+        hidden = ffn_ratio * c
+        self.ffn = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, c))
         self.norm2 = nn.LayerNorm(c)
-        self.head = nn.Sequential(nn.Linear(c, ffn_ratio * c), nn.ReLU(), nn.Linear(ffn_ratio * c, 3))
+        self.head = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, 3))
         # Start near the identity transform.
         nn.init.normal_(self.head[-1].weight, std=1e-5)
         nn.init.zeros_(self.head[-1].bias)
@@ -393,7 +394,8 @@ class InterpolationStep(_Attention):
         pq = torch.cat([p_coef, q_coef], dim=-1).to(table.dtype)
         sums, content = _maybe_recompute(recompute, _delta_core, q, pq, table, index, valid,
                                          self.scale)
-        return self.finish(f, content, self.pe_aggregate(sphi, cphi, sums[..., :nf], sums[..., nf:]))
+        pe_agg = self.pe_aggregate(sphi, cphi, sums[..., :nf], sums[..., nf:])
+        return self.finish(f, content, pe_agg)
 
 
 class GeoReg(nn.Module):
@@ -484,7 +486,8 @@ class GeoReg(nn.Module):
             if x is None:
                 x = grid.expand(b, -1, -1)
             else:
-                u_up = spatial.upsample_displacement(_unflat(x - parent["grid"], parent["shape"]), 2)
+                u_parent = _unflat(x - parent["grid"], parent["shape"])
+                u_up = spatial.upsample_displacement(u_parent, 2)
                 x = grid + _flat(u_up)
                 if cfg.learned_interpolation:
                     step = self.interpolate[l]

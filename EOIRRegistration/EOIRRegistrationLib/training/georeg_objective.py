@@ -55,7 +55,8 @@ def georeg_objective(model, fixed, moving, cfg, fixed_labels=None, moving_labels
     use_dice = cfg.dice_weight > 0 and fixed_labels is not None and moving_labels is not None
     if use_dice:
         values = cfg.label_values or [int(v) for v in torch.unique(fixed_labels) if v != 0]
-        oh_fixed, oh_moving = losses.one_hot(fixed_labels, values), losses.one_hot(moving_labels, values)
+        oh_fixed = losses.one_hot(fixed_labels, values)
+        oh_moving = losses.one_hot(moving_labels, values)
     pooled: dict[int, tuple] = {}
     sim_total = fixed.new_zeros(())
     reg_total = fixed.new_zeros(())
