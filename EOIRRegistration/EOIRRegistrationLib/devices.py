@@ -26,4 +26,6 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+            or "not enough memory" in text)  # the last: torch's CPU allocator

@@ -135,8 +135,12 @@ def _network_with_fallback(loaded, fixed, moving, device, requested: str, stages
     try:
         return run_network(loaded, fixed, moving, device), device
     except Exception as exc:
-        if device.type != "cuda" or not is_out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
+        if device.type != "cuda":
+            raise DeviceError(
+                f"the computer ran out of memory registering a {tuple(fixed.shape[2:])} working "
+                "grid; close other programs or use a coarser working spacing") from exc
         torch.cuda.empty_cache()
         need = 4 * fixed.numel() * 60 / 2 ** 30
         if requested != "auto":

@@ -201,3 +201,14 @@ def test_gpu_out_of_memory_with_explicit_cuda_is_a_clear_error(fixed_moving, tmp
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     with pytest.raises(DeviceError, match="ran out of memory.*coarser working spacing"):
         register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cuda")
+
+
+def test_cpu_out_of_memory_is_a_clear_error(fixed_moving, tmp_path, monkeypatch):
+    fixed, moving = fixed_moving
+
+    def fake(loaded, fixed, moving, device):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: not "
+                           "enough memory: you tried to allocate 68719476736 bytes.")
+    monkeypatch.setattr(pipeline_module, "run_network", fake)
+    with pytest.raises(DeviceError, match="ran out of memory.*coarser working spacing"):
+        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cpu")
