@@ -30,6 +30,7 @@ from .devices import is_out_of_memory, resolve_device
 from .errors import DeviceError, InputError, RegistrationCancelled
 from .intensity import normalize, window_of
 from .modelfile import LoadedModel, resolve_model
+from .alignment import initial_matrix
 from .refine import RefineConfig, refine_displacement
 
 ProgressCallback = Callable[[str, float], None]
@@ -49,6 +50,7 @@ class RegistrationResult:
     model_name: str = ""
     device: str = ""
     working_grid: geometry.Grid | None = None
+    initial_matrix: np.ndarray | None = None  # 4x4 LPS, fixed point -> moving point (included)
 
 
 def check_image(image, role: str, labels: bool = False) -> sitk.Image:
@@ -119,6 +121,20 @@ def _to_working(image: sitk.Image, grid: geometry.Grid, device, affine=None) -> 
     return geometry.sample_like_itk(geometry.image_to_tensor(image).to(device), coords)
 
 
+def _include_affine(disp: torch.Tensor, grid: geometry.Grid, a: np.ndarray) -> torch.Tensor:
+    """Displacement of x -> A (x + d(x)) on ``grid``: A_lin d(x) + (A_lin - I) x + t."""
+    lin = torch.as_tensor(a[:3, :3], dtype=disp.dtype)
+    out = torch.einsum("ab,b...->a...", lin, disp)
+    # (A_lin - I) x + t at every voxel, with x = M p + o (M, o from the grid's array matrix).
+    m = grid.array_to_physical()
+    affine_part = (a[:3, :3] - np.eye(3)) @ m[:3, :3]
+    offset = (a[:3, :3] - np.eye(3)) @ m[:3, 3] + a[:3, 3]
+    p = spatial.identity_grid(grid.shape, dtype=torch.float64)
+    out += (torch.einsum("ab,b...->a...", torch.as_tensor(affine_part), p)
+            + torch.as_tensor(offset).view(3, 1, 1, 1)).to(disp.dtype)
+    return out
+
+
 def run_network(loaded: LoadedModel, fixed: torch.Tensor, moving: torch.Tensor,
                 device: torch.device) -> torch.Tensor:
     """Network forward on ``device``; returns the voxel displacement on the CPU."""
@@ -157,12 +173,17 @@ def _network_with_fallback(loaded, fixed, moving, device, requested: str, stages
 def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str = "auto",
              moving_labels: sitk.Image | None = None, working_spacing=None,
              intensity_window=None, refine: RefineConfig | int | None = None,
+             initial_alignment: str = "none", initial_transform=None,
              progress: ProgressCallback | None = None, cancel=None) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see the module docstring for the geometry.
 
     model: bundled model name, model file path, or a ``LoadedModel``. device: auto/cpu/cuda.
     working_spacing: mm (x, y, z) overriding the card's. intensity_window: ((fixed_low,
     fixed_high), (moving_low, moving_high)) in image units overriding the card's normalisation.
+    initial_alignment: "none", "com" (centres of mass), "rigid" or "affine" (mutual information
+    on a coarse grid); initial_transform: a linear SimpleITK
+    transform or 4x4 LPS matrix mapping fixed points to moving points (overrides the method).
+    The returned displacement contains this linear part: x -> A (x + d_net(x)).
     refine: a RefineConfig or a number of iterations of per-pair optimisation after the network
     (instance optimisation; None or 0 = off).
     progress(stage, fraction) is called at each stage; cancel (threading.Event or callable) is
@@ -180,6 +201,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     spacing = tuple(working_spacing) if working_spacing is not None else loaded.working_spacing
 
     stages.start("preparing images")
+    a = initial_matrix(fixed, moving, initial_alignment, initial_transform)
+    affine = None if np.allclose(a, np.eye(4)) else a
     fixed_grid = geometry.Grid.from_image(fixed)
     wgrid = geometry.working_grid(fixed_grid, spacing, multiple=loaded.model.size_multiple)
     tensors = []
@@ -190,7 +213,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
         if not window[1] > window[0]:
             raise InputError(f"the {role} image's intensity window {window} is empty (high must "
                              "exceed low); most voxels may share one value")
-        tensors.append(normalize(_to_working(image, wgrid, torch.device("cpu")), window))
+        tensors.append(normalize(_to_working(image, wgrid, torch.device("cpu"),
+                                             affine if role == "moving" else None), window))
         del raw
     fixed_w, moving_w = tensors
 
@@ -217,6 +241,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     coords = geometry.array_coords_of(fixed_grid, wgrid)
     disp = spatial.sample(d_work[None], coords, mode="linear", padding="border")[0]
     del d_work, coords
+    if affine is not None:
+        disp = _include_affine(disp, fixed_grid, affine)
     moving_grid = geometry.Grid.from_image(moving)
     coords = geometry.array_coords_of(fixed_grid, moving_grid, displacement=disp)
     warped = geometry.sample_like_itk(geometry.image_to_tensor(moving), coords)[0, 0]
@@ -240,7 +266,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
         jacobian=geometry.tensor_to_image(det, fixed_grid),
         folding=geometry.tensor_to_image((det <= 0).to(torch.uint8), fixed_grid, sitk.sitkUInt8),
         warped_labels=warped_labels, qa=qa, model_name=loaded.name, device=str(dev),
-        working_grid=wgrid)
+        working_grid=wgrid, initial_matrix=a)
     stages.done()
     result.timings = dict(stages.timings)
     return result

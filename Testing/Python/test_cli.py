@@ -136,3 +136,25 @@ def test_module_entry_point_runs_register_and_models(files, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "EOIRRegistrationLib", "nonsense"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_initial_alignment_options_write_the_affine_and_refuse_bad_files(files, tmp_path, capsys):
+    out = tmp_path / "aligned"
+    assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
+                "--init", "affine", "--no-png", "--quiet"]) == 0
+    affine = sitk.ReadTransform(str(out / "affine.tfm"))
+    report = json.loads((out / "report.json").read_text())
+    m = np.asarray(report["initial_matrix_lps"])
+    point = (3.0, -4.0, 5.0)
+    assert np.allclose(affine.TransformPoint(point), m[:3, :3] @ point + m[:3, 3], atol=1e-6)
+    bad = tmp_path / "bad.tfm"
+    bad.write_text("not a transform")
+    assert run([files["fixed"], files["moving"], "--output-dir", tmp_path / "never", "--model",
+                files["model"], "--initial-transform", bad, "--quiet"]) == 2
+    assert "cannot read the initial transform" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    assert run([files["fixed"], files["moving"], "--output-dir", tmp_path / "given", "--model",
+                files["model"], "--initial-transform", out / "affine.tfm", "--no-png",
+                "--quiet"]) == 0
+    again = json.loads((tmp_path / "given" / "report.json").read_text())["initial_matrix_lps"]
+    assert np.allclose(again, m, atol=1e-9)
