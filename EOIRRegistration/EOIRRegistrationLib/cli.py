@@ -20,7 +20,9 @@ def _train_parser() -> argparse.ArgumentParser:
         "Train an EOIR registration model on synthetic pairs (no data needed), a folder of "
         "images (label maps named *_seg* or *label*) or a Learn2Reg-style JSON."))
     p.add_argument("--output-dir", required=True, help="folder for checkpoint.pt, log.csv, model.pt")
-    p.add_argument("--data", default="synthetic", help="'synthetic', a folder, or a JSON file")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic', 'labelmaps:FOLDER' (SynthMorph-style pairs from label "
+                        "maps), a folder of images, or a Learn2Reg JSON file")
     p.add_argument("--model", default="eoir", choices=sorted(ARCHITECTURES), help="architecture")
     p.add_argument("--channels", type=int, default=None,
                    help="EOIR encoder width Ns (paper: 32, 16, 8; default 8)")
@@ -34,7 +36,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--poly-decay", action="store_true")
-    p.add_argument("--similarity", choices=["lncc", "mse"], default="lncc")
+    p.add_argument("--similarity", choices=["lncc", "mse", "none"], default="lncc",
+                   help="image similarity; 'none' trains on the Dice term alone (use with "
+                        "labelmaps: data, whose two images have independent contrasts)")
     p.add_argument("--reg-weight", type=float, default=1.0, help="diffusion weight on velocities")
     p.add_argument("--dice-weight", type=float, default=0.0, help="soft Dice weight (needs labels)")
     p.add_argument("--checkpoint-every", type=int, default=100)

@@ -16,7 +16,7 @@ from .. import losses, spatial
 
 @dataclass
 class ObjectiveConfig:
-    similarity: str = "lncc"            # "lncc" or "mse"
+    similarity: str = "lncc"            # "lncc", "mse", or "none" (Dice only)
     windows: tuple = (9, 7, 5, 3, 3)    # LNCC box window per level, finest first
     regularization: str = "l2"          # diffusion penalty on the velocity: "l2" or "l1"
     regularization_weight: float = 1.0
@@ -50,7 +50,9 @@ def eoir_objective(model, fixed, moving, cfg: ObjectiveConfig, fixed_labels=None
         weight = 0.5 ** level
         f_l, m_l = _reduce(fixed, level, axes), _reduce(moving, level, axes)
         warped = spatial.warp(m_l, out.displacement)
-        if cfg.similarity == "lncc":
+        if cfg.similarity == "none":  # label supervision only (contrast-agnostic training)
+            sim = f_l.new_zeros(())
+        elif cfg.similarity == "lncc":
             window = cfg.windows[min(level, len(cfg.windows) - 1)]
             sim = losses.lncc_loss(f_l, warped, window=window)
         elif cfg.similarity == "mse":

@@ -38,7 +38,7 @@ class TrainConfig:
     output_dir: str
     architecture: str = "eoir"
     model_config: dict = field(default_factory=lambda: {"channels": 8})
-    data: str = "synthetic"                 # "synthetic", a folder, or a Learn2Reg JSON
+    data: str = "synthetic"   # "synthetic", "labelmaps:FOLDER", a folder, or a Learn2Reg JSON
     shape: tuple = (64, 64, 64)             # training crop, array order (D, H, W)
     working_spacing_mm: tuple = (2.0, 2.0, 2.0)
     synthetic: dict = field(default_factory=dict)   # SyntheticConfig overrides
@@ -65,6 +65,10 @@ class TrainConfig:
 def make_source(cfg: TrainConfig):
     if cfg.data == "synthetic":
         return SyntheticSource(SyntheticConfig(**{"shape": tuple(cfg.shape), **cfg.synthetic}))
+    if cfg.data.startswith("labelmaps:"):
+        from .labelmaps import LabelMapSource
+        return LabelMapSource(cfg.data[len("labelmaps:"):], shape=cfg.shape,
+                              spacing=cfg.working_spacing_mm[0])
     return FileSource(cfg.data, shape=cfg.shape, spacing=cfg.working_spacing_mm,
                       normalization=DEFAULT_NORMALIZATION)
 

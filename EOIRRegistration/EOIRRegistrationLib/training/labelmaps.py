@@ -1,0 +1,157 @@
+"""SynthMorph-style training pairs from real anatomical label maps (contrast-agnostic training).
+
+At load time every label map is resampled (nearest) to the working spacing and affinely aligned
+to the first one: a least-squares affine between the centroids of the structures both maps share
+(exact for label maps, no image registration needed). Each pair then draws two maps (or one map
+twice), and for each image independently: a small random affine and a random smooth diffeomorphic
+deformation (one nearest-neighbour warp of the labels), optional skull stripping (labels >= 500
+are extra-cerebral tissue in the SynthSeg maps), a random crop, and a random contrast (one random
+intensity per label, blur, bias field, noise, gamma). Independent contrasts make intensity losses
+meaningless, so train with the Dice term (``--similarity none --dice-weight 1``), as SynthMorph does.
+Tensors follow spatial.py (array order, (1, 1, D, H, W)).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .. import geometry, spatial
+from ..errors import InputError
+from ..intensity import normalize, window_of
+from .synthetic import SyntheticConfig, _smooth_noise, _uniform
+
+EXTRA_CEREBRAL_FIRST_LABEL = 500
+
+
+def _centroids(labels: np.ndarray, values) -> dict[int, np.ndarray]:
+    out = {}
+    for v in values:
+        idx = np.argwhere(labels == v)
+        if len(idx) > 20:
+            out[int(v)] = idx.mean(axis=0)
+    return out
+
+
+def centroid_affine(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """4x4 array-coordinate affine mapping ``target`` voxels to ``source`` voxels that best maps
+    the centroids of shared nonzero labels (least squares). Used to resample ``source`` onto
+    ``target``'s grid."""
+    values = sorted(set(np.unique(source)) & set(np.unique(target)) - {0})
+    cs, ct = _centroids(source, values), _centroids(target, values)
+    shared = sorted(set(cs) & set(ct))
+    if len(shared) < 4:
+        raise InputError("label maps share fewer than 4 structures: cannot align them")
+    t = np.array([ct[v] for v in shared])
+    s = np.array([cs[v] for v in shared])
+    design = np.hstack([t, np.ones((len(t), 1))])
+    coef, *_ = np.linalg.lstsq(design, s, rcond=None)  # s ~ [t 1] @ coef
+    a = np.eye(4)
+    a[:3, :] = coef.T
+    return a
+
+
+class LabelMapSource:
+    def __init__(self, folder, shape=(80, 96, 80), spacing=2.0, skull_strip_probability=0.5,
+                 max_rotation_deg=6.0, max_scaling=0.05, max_shift_vox=3.0,
+                 synthetic: SyntheticConfig | None = None, max_maps: int | None = None):
+        files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".nii.gz", ".nii")))
+        if max_maps:
+            files = files[:max_maps]
+        if not files:
+            raise InputError(f"no label maps (*.nii.gz) in {folder}")
+        self.shape, self.spacing = tuple(shape), float(spacing)
+        self.skull_strip_probability = skull_strip_probability
+        self.max_rotation = math.radians(max_rotation_deg)
+        self.max_scaling, self.max_shift = max_scaling, max_shift_vox
+        self.style = synthetic or SyntheticConfig(shape=self.shape, max_velocity=1.5)
+        self.maps = self._load_aligned(files)
+        self.folder = str(folder)
+
+    def describe(self) -> str:
+        return (f"{len(self.maps)} label maps from {Path(self.folder).name} (SynthMorph-style, "
+                f"{self.spacing:g} mm, crops {self.shape})")
+
+    def _load_aligned(self, files) -> list[torch.Tensor]:
+        maps = []
+        for path in files:
+            image = sitk.ReadImage(str(path))
+            grid = geometry.Grid.from_image(image)
+            # Resample to the working spacing in the map's own frame (nearest neighbour).
+            size = [int(round(n * s / self.spacing)) for n, s in zip(grid.size, grid.spacing)]
+            target = geometry.Grid(tuple(size), (self.spacing,) * 3,
+                                   tuple(grid.center() - grid.direction_matrix
+                                         @ (self.spacing * (np.asarray(size) - 1) / 2)),
+                                   grid.direction)
+            coords = geometry.array_coords_of(target, grid)
+            lab = geometry.sample_like_itk(geometry.image_to_tensor(image), coords, mode="nearest")
+            maps.append(lab[0, 0].round().to(torch.int16))
+        reference = maps[0].numpy()
+        aligned = [maps[0]]
+        for lab in maps[1:]:
+            a = centroid_affine(lab.numpy(), reference)
+            p = spatial.identity_grid(reference.shape, dtype=torch.float64)
+            coords = torch.einsum("ab,b...->a...", torch.as_tensor(a[:3, :3]), p) \
+                + torch.as_tensor(a[:3, 3]).view(3, 1, 1, 1)
+            warped = spatial.sample(lab[None, None].double(), coords[None], mode="nearest")
+            aligned.append(warped[0, 0].to(torch.int16))
+        return aligned
+
+    def _random_affine(self, gen, shape) -> torch.Tensor:
+        """Voxel displacement of a random affine about the volume centre, (1, 3, *shape)."""
+        angles = [_uniform(gen, -self.max_rotation, self.max_rotation) for _ in range(3)]
+        rot = sitk.Euler3DTransform((0, 0, 0), *angles).GetMatrix()
+        m = np.reshape(rot, (3, 3)) * (1 + np.array([_uniform(gen, -self.max_scaling,
+                                                               self.max_scaling) for _ in range(3)]))
+        centre = (np.asarray(shape) - 1) / 2
+        shift = np.array([_uniform(gen, -self.max_shift, self.max_shift) for _ in range(3)])
+        p = spatial.identity_grid(shape, dtype=torch.float32)
+        lin = torch.as_tensor(m - np.eye(3), dtype=torch.float32)
+        off = torch.as_tensor(-(m - np.eye(3)) @ centre + shift, dtype=torch.float32)
+        return (torch.einsum("ab,b...->a...", lin, p) + off.view(3, 1, 1, 1))[None]
+
+    def _crop_origin(self, gen) -> torch.Tensor:
+        """Array origin of a crop centred on the brain (of the aligned maps) plus a jitter shared
+        by both images of a pair, so that their fields of view match up to the random affine."""
+        brain = np.argwhere((self.maps[0].numpy() > 0) &
+                            (self.maps[0].numpy() < EXTRA_CEREBRAL_FIRST_LABEL))
+        centre = (brain.min(0) + brain.max(0)) / 2
+        jitter = [_uniform(gen, -6, 6) for _ in range(3)]
+        start = centre - (np.asarray(self.shape) - 1) / 2 + jitter
+        return torch.tensor(np.round(start), dtype=torch.float32).view(3, 1, 1, 1)
+
+    def _one_image(self, base: torch.Tensor, origin: torch.Tensor,
+                   gen) -> tuple[torch.Tensor, torch.Tensor]:
+        crop = spatial.identity_grid(self.shape) + origin  # beyond the map: background
+        cfg = SyntheticConfig(**{**self.style.to_dict(), "shape": self.shape})
+        amp = _uniform(gen, 0.3, 1.0) * cfg.max_velocity
+        v = _smooth_noise(3, self.shape, cfg.deformation_scale, gen) * amp
+        u = spatial.compose(self._random_affine(gen, self.shape), spatial.integrate_velocity(v, 7))
+        labels = spatial.sample(base[None, None].float(), crop[None] + u, mode="nearest").long()
+        if torch.rand((), generator=gen).item() < self.skull_strip_probability:
+            labels = labels * (labels < EXTRA_CEREBRAL_FIRST_LABEL)
+        # Independent random contrast: one intensity per label value present.
+        values, inverse = torch.unique(labels, return_inverse=True)
+        lut = torch.rand(len(values), generator=gen)
+        lut[values == 0] = _uniform(gen, 0.0, 0.15)
+        image = lut[inverse].float()
+        sigma = _uniform(gen, 0.0, cfg.max_blur)
+        if sigma > 0.1:
+            image = spatial.gaussian_blur(image, sigma)
+        bias = torch.exp(_smooth_noise(1, self.shape, 16, gen) * _uniform(gen, 0, cfg.max_bias))
+        image = image * bias + torch.randn(image.shape, generator=gen) * _uniform(gen, 0,
+                                                                                  cfg.max_noise)
+        image = normalize(image, window_of(image))
+        image = image ** math.exp(_uniform(gen, -0.3, 0.3))  # gamma
+        return image, labels
+
+    def sample(self, gen: torch.Generator) -> dict:
+        i, j = (int(k) for k in torch.randint(len(self.maps), (2,), generator=gen))
+        origin = self._crop_origin(gen)
+        fixed, fixed_labels = self._one_image(self.maps[i], origin, gen)
+        moving, moving_labels = self._one_image(self.maps[j], origin, gen)
+        return {"fixed": fixed, "moving": moving, "fixed_labels": fixed_labels,
+                "moving_labels": moving_labels}
