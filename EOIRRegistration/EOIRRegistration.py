@@ -35,6 +35,19 @@ except ImportError:  # pragma: no cover - older layouts
 
 LOAD_MODEL_FILE = "__load_model_file__"
 DEVICE_LABELS = {"auto": "Auto (GPU if available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
+#: initial alignment choices (the engine's method names) and their labels in the panel
+INITIAL_ALIGNMENT_LABELS = {
+    "none": "None (inputs already aligned)",
+    "com": "Centres of mass",
+    "rigid": "Rigid",
+    "affine": "Affine",
+}
+INITIAL_ALIGNMENT_TIPS = {
+    "none": "Use the moving volume as it is (with its linear parent transform, if any).",
+    "com": "Translate so the intensity centres of mass coincide.",
+    "rigid": "Rotation and translation maximising mutual information (a few seconds).",
+    "affine": "Rigid, then a full affine map maximising mutual information (a few seconds).",
+}
 
 
 #
@@ -54,11 +67,14 @@ class EOIRRegistration(ScriptedLoadableModule):
 <p>Fast learned deformable registration of a <b>moving</b> volume to a <b>fixed</b> volume with
 an encoder-only network (EOIR) run coarse to fine; a result takes seconds on a GPU and well under
 a minute on a CPU for typical volumes.</p>
-<p><b>What the models expect:</b> volumes that are already roughly aligned (rigid or affine
-pre-alignment, e.g. with General Registration (BRAINS) or Elastix). Each bundled model states in
+<p><b>What the models expect:</b> volumes that are already roughly aligned. Choose an
+<i>Initial alignment</i> (centres of mass, rigid or affine) to have the module align them first,
+or pre-align them yourself (e.g. with General Registration (BRAINS) or Elastix); a linear parent
+transform of the moving volume is used as the starting point. Each bundled model states in
 its card the kind of images it was trained on, the working spacing (volumes are resampled to it
 internally; the result is always on the fixed volume's own grid) and how intensities are
-normalised. Use <i>Advanced</i> to override the spacing or give intensity windows (e.g. CT in HU).
+normalised. Use <i>Advanced</i> to override the spacing, give intensity windows (e.g. CT in HU)
+or refine the result for the pair at hand (<i>Refine iterations</i>, slower but more accurate).
 </p>
 <p><b>Outputs:</b> a grid (displacement-field) transform, by default a new one named after the
 volumes, with the moving volume placed under it so it shows aligned at once; it stores the
@@ -97,6 +113,9 @@ class EOIRRegistrationParameterNode:
     showJacobian, showFolding - QA overlays.
     workingSpacing - isotropic mm, 0 = the model's own.
     useIntensityWindow and the four window bounds - optional intensity windows.
+    initialAlignment - "none", "com", "rigid" or "affine": linear alignment before the network.
+    refineIterations - per-pair refinement after the network, 0 = off.
+    refineSeconds - time budget of the refinement, 0 = no limit.
     """
 
     fixedVolume: vtkMRMLScalarVolumeNode
@@ -114,6 +133,9 @@ class EOIRRegistrationParameterNode:
     fixedWindowMax: float = 1000.0
     movingWindowMin: float = 0.0
     movingWindowMax: float = 1000.0
+    initialAlignment: Annotated[str, Choice(["none", "com", "rigid", "affine"])] = "none"
+    refineIterations: Annotated[int, WithinRange(0, 1000)] = 0
+    refineSeconds: Annotated[float, WithinRange(0.0, 3600.0)] = 0.0
 
 
 #
@@ -151,6 +173,7 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.useIntensityWindowCheckBox.connect("toggled(bool)", self._updateWindowWidgets)
+        self.ui.refineIterationsSpinBox.connect("valueChanged(int)", self._updateRefineWidgets)
 
         self.ui.progressBar.hide()
         self.ui.statusLabel.text = ""
@@ -212,8 +235,10 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._decorateDeviceComboBox()
+            self._decorateInitialAlignmentComboBox()
             self._selectModelInComboBox(self._parameterNode.model)
             self._updateWindowWidgets()
+            self._updateRefineWidgets()
         self._checkCanApply()
 
     # -- model and device choices -------------------------------------------------------------
@@ -302,6 +327,18 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not gpu and self._parameterNode is not None and self._parameterNode.device == "cuda":
             self._parameterNode.device = "auto"
 
+    def _decorateInitialAlignmentComboBox(self):
+        """Readable labels and per-item tooltips (the parameter node connector fills the combo
+        box with the engine's method names, in this order, and reads it by index)."""
+        combo = self.ui.initialAlignmentComboBox
+        for index, value in enumerate(["none", "com", "rigid", "affine"]):
+            if index < combo.count:
+                combo.setItemText(index, INITIAL_ALIGNMENT_LABELS[value])
+                combo.setItemData(index, INITIAL_ALIGNMENT_TIPS[value], qt.Qt.ToolTipRole)
+
+    def _updateRefineWidgets(self, *args):
+        self.ui.refineSecondsSpinBox.enabled = int(self.ui.refineIterationsSpinBox.value) > 0
+
     def _updateWindowWidgets(self, *args):
         enabled = bool(self.ui.useIntensityWindowCheckBox.checked)
         for name in ("fixedWindowMinSpinBox", "fixedWindowMaxSpinBox",
@@ -373,7 +410,9 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job = ProcessRegistration(
             inputs, pythonExecutable=python, model=p.model or "default", device=p.device,
             workingSpacing=p.workingSpacing if p.workingSpacing > 0 else None,
-            intensityWindow=self._intensityWindow(), tempDir=slicer.app.temporaryPath)
+            intensityWindow=self._intensityWindow(), initialAlignment=p.initialAlignment,
+            refineIterations=p.refineIterations, refineSeconds=p.refineSeconds,
+            tempDir=slicer.app.temporaryPath)
         job.start()
         self._job, self._jobInputs = job, inputs
         self._jobOptions = dict(outputTransformNode=p.outputTransform,
@@ -492,19 +531,23 @@ class EOIRRegistrationLogic(ScriptedLoadableModuleLogic):
     def registerVolumes(self, fixedVolumeNode, movingVolumeNode, model="default", device="auto",
                         outputTransformNode=None, outputVolumeNode=None,
                         movingSegmentationNode=None, showJacobian=True, showFolding=True,
-                        workingSpacing=None, intensityWindow=None, progressCallback=None,
+                        workingSpacing=None, intensityWindow=None, initialAlignment="none",
+                        refineIterations=0, refineSeconds=0.0, progressCallback=None,
                         cancelEvent=None):
         """Register (blocking, in this process) and return the result nodes and QA figures
         (``RegistrationOutputs``: transformNode, jacobianVolumeNode, foldingVolumeNode,
-        warpedVolumeNode, warpedSegmentationNode, qa, timings, modelName, device).
+        warpedVolumeNode, warpedSegmentationNode, qa, timings, modelName, device,
+        initialMatrix). ``initialAlignment``: "none" (default), "com", "rigid" or "affine";
+        ``refineIterations``: 0 = no refinement; ``refineSeconds``: 0 = no time limit.
         See ``RegistrationLogic.registerVolumes`` for the parameters."""
         return self.registrationLogic.registerVolumes(
             fixedVolumeNode, movingVolumeNode, model=model, device=device,
             outputTransformNode=outputTransformNode, outputVolumeNode=outputVolumeNode,
             movingSegmentationNode=movingSegmentationNode, showJacobian=showJacobian,
             showFolding=showFolding, workingSpacing=workingSpacing,
-            intensityWindow=intensityWindow, progressCallback=progressCallback,
-            cancelEvent=cancelEvent)
+            intensityWindow=intensityWindow, initialAlignment=initialAlignment,
+            refineIterations=refineIterations, refineSeconds=refineSeconds,
+            progressCallback=progressCallback, cancelEvent=cancelEvent)
 
 
 #

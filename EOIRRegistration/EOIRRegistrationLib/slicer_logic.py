@@ -54,12 +54,23 @@ __all__ = [
     "BackgroundRegistration",
     "ProcessRegistration",
     "EngineResult",
+    "INITIAL_ALIGNMENTS",
+    "INITIAL_MATRIX_ATTRIBUTE",
+    "checkEngineOptions",
+    "initialMatrixFromAttribute",
     "describeError",
     "syntheticTestPair",
     "diceCoefficient",
 ]
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "bundled_models"
+
+#: Initial (linear) alignment methods of the engine (``alignment.METHODS``; repeated here so the
+#: panel and early checks need no torch): inputs already aligned, centres of mass, rigid, affine.
+INITIAL_ALIGNMENTS = ("none", "com", "rigid", "affine")
+#: Attribute of the output transform holding the engine's initial matrix (see createOutputs).
+INITIAL_MATRIX_ATTRIBUTE = "EOIRRegistration.initial_matrix_lps"
+MAX_REFINE_ITERATIONS = 1000
 
 #: Overall progress fractions of the three steps (the engine's own fractions are scaled into its
 #: share, so a progress bar moves once from 0 to 1).
@@ -85,6 +96,50 @@ def _isCancelled(cancelEvent) -> bool:
 def _checkCancelled(cancelEvent) -> None:
     if _isCancelled(cancelEvent):
         raise RegistrationCancelled("registration cancelled")
+
+
+def checkEngineOptions(initialAlignment="none", refineIterations=0, refineSeconds=0.0):
+    """Validate the initial-alignment and refinement choices (no torch); returns them normalised
+    as (method, iterations, seconds). Raises :class:`InputError` with the reason."""
+    method = str(initialAlignment or "none").lower()
+    if method not in INITIAL_ALIGNMENTS:
+        raise InputError(f"unknown initial alignment {initialAlignment!r}; choose one of "
+                         f"{', '.join(INITIAL_ALIGNMENTS)}")
+    try:
+        iterations = int(refineIterations or 0)
+        seconds = float(refineSeconds or 0.0)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"refinement settings must be numbers: {exc}") from exc
+    if iterations != float(refineIterations or 0) or not 0 <= iterations <= MAX_REFINE_ITERATIONS:
+        raise InputError(f"refine iterations must be a whole number from 0 (off) to "
+                         f"{MAX_REFINE_ITERATIONS}, got {refineIterations!r}")
+    if not np.isfinite(seconds) or seconds < 0:
+        raise InputError(f"the refinement time budget must be 0 (no limit) or more seconds, "
+                         f"got {refineSeconds!r}")
+    return method, iterations, seconds
+
+
+def _refineConfig(iterations: int, seconds: float):
+    """The engine's ``refine`` argument: None when off, else a ``RefineConfig`` (imports torch)."""
+    if iterations <= 0:
+        return None
+    from .refine import RefineConfig
+
+    return RefineConfig(iterations=int(iterations),
+                        time_budget_s=float(seconds) if seconds > 0 else None)
+
+
+def initialMatrixToAttribute(matrix) -> str:
+    """16 numbers, row-major, separated by spaces (the transform attribute's format)."""
+    return " ".join(f"{float(v):.12g}" for v in np.asarray(matrix, dtype=np.float64).ravel())
+
+
+def initialMatrixFromAttribute(text: str) -> np.ndarray:
+    """4x4 matrix from :func:`initialMatrixToAttribute`'s text."""
+    values = [float(v) for v in str(text).split()]
+    if len(values) != 16:
+        raise ValueError(f"an initial matrix needs 16 numbers, got {len(values)}")
+    return np.array(values, dtype=np.float64).reshape(4, 4)
 
 
 def gpuProbablyAvailable() -> bool:
@@ -216,6 +271,10 @@ class RegistrationOutputs:
     timings: dict = field(default_factory=dict)
     modelName: str = ""
     device: str = ""
+    #: 4x4 LPS matrix (fixed point -> moving point, in the frame of the moving volume with its
+    #: linear parent transforms applied) that the engine started from and that the transform
+    #: contains; None when the engine did not report one.
+    initialMatrix: Optional[np.ndarray] = None
 
     @property
     def foldingPercent(self) -> float:
@@ -376,10 +435,15 @@ class RegistrationLogic:
     # -- step 2 -------------------------------------------------------------------------------
     @staticmethod
     def runEngine(inputs: RegistrationInputs, model="default", device="auto",
-                  workingSpacing=None, intensityWindow=None,
+                  workingSpacing=None, intensityWindow=None, initialAlignment="none",
+                  refineIterations=0, refineSeconds=0.0,
                   progressCallback: Callable[[str, float], None] | None = None, cancelEvent=None):
         """Run the engine on prepared inputs (any thread; touches no MRML). Returns the engine's
-        ``RegistrationResult``; raises ``RegistrationCancelled`` when ``cancelEvent`` is set."""
+        ``RegistrationResult``; raises ``RegistrationCancelled`` when ``cancelEvent`` is set.
+        ``initialAlignment``, ``refineIterations`` and ``refineSeconds``: see
+        :meth:`registerVolumes`."""
+        method, iterations, seconds = checkEngineOptions(initialAlignment, refineIterations,
+                                                         refineSeconds)
         _checkCancelled(cancelEvent)
         register = _engineRegister()
 
@@ -392,7 +456,9 @@ class RegistrationLogic:
             workingSpacing = (float(workingSpacing),) * 3
         return register(inputs.fixedImage, inputs.movingImage, model=model, device=device,
                         moving_labels=inputs.movingLabels, working_spacing=workingSpacing,
-                        intensity_window=intensityWindow, progress=progress, cancel=cancelEvent)
+                        intensity_window=intensityWindow,
+                        refine=_refineConfig(iterations, seconds), initial_alignment=method,
+                        progress=progress, cancel=cancelEvent)
 
     # -- step 3 -------------------------------------------------------------------------------
     def createOutputs(self, inputs: RegistrationInputs, result, outputTransformNode=None,
@@ -428,11 +494,20 @@ class RegistrationLogic:
             qaAttributes = {QA_ATTRIBUTE_PREFIX + key: f"{float(value):.6g}"
                             for key, value in qa.items()}
             qaAttributes[QA_ATTRIBUTE_PREFIX + "model"] = str(getattr(result, "model_name", ""))
-            transaction.backupAttributes(transformNode, qaAttributes)
+            initialMatrix = getattr(result, "initial_matrix", None)
+            if initialMatrix is not None:
+                initialMatrix = np.array(initialMatrix, dtype=np.float64).reshape(4, 4)
+            transaction.backupAttributes(transformNode,
+                                         list(qaAttributes) + [INITIAL_MATRIX_ATTRIBUTE])
             bridge.setGridTransformFromDisplacement(transformNode, result.displacement)
             bridge.setRegistrationReferences(transformNode, fixedNode, movingNode)
             for name, value in qaAttributes.items():
                 transformNode.SetAttribute(name, value)
+            if initialMatrix is not None:
+                transformNode.SetAttribute(INITIAL_MATRIX_ATTRIBUTE,
+                                           initialMatrixToAttribute(initialMatrix))
+            elif transformNode.GetAttribute(INITIAL_MATRIX_ATTRIBUTE) is not None:
+                transformNode.RemoveAttribute(INITIAL_MATRIX_ATTRIBUTE)  # not from this run
             bridge.placeMovingUnderTransform(movingNode, transformNode, transaction.undo)
 
             jacobianNode = None
@@ -504,7 +579,8 @@ class RegistrationLogic:
             foldingVolumeNode=foldingNode, warpedVolumeNode=warpedNode,
             warpedSegmentationNode=warpedLabelsNode, qa=qa,
             timings=dict(getattr(result, "timings", {}) or {}),
-            modelName=str(getattr(result, "model_name", "")), device=str(getattr(result, "device", "")))
+            modelName=str(getattr(result, "model_name", "")), device=str(getattr(result, "device", "")),
+            initialMatrix=initialMatrix)
 
     def _recordSliceViews(self, transaction: _Transaction) -> None:
         for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
@@ -518,7 +594,8 @@ class RegistrationLogic:
     def registerVolumes(self, fixedVolumeNode, movingVolumeNode, model="default", device="auto",
                         outputTransformNode=None, outputVolumeNode=None,
                         movingSegmentationNode=None, showJacobian=True, showFolding=True,
-                        workingSpacing=None, intensityWindow=None,
+                        workingSpacing=None, intensityWindow=None, initialAlignment="none",
+                        refineIterations=0, refineSeconds=0.0,
                         progressCallback: Callable[[str, float], None] | None = None,
                         cancelEvent=None) -> RegistrationOutputs:
         """Register the moving volume to the fixed volume (blocking) and return the result nodes
@@ -535,11 +612,22 @@ class RegistrationLogic:
         :param showFolding: add the folding (det <= 0) label map in red.
         :param workingSpacing: mm (one value or three) or None for the model's own.
         :param intensityWindow: ((fixedLow, fixedHigh), (movingLow, movingHigh)) or None.
+        :param initialAlignment: linear alignment computed before the deformable step and
+            contained in the output transform: "none" (the inputs are already aligned; default),
+            "com" (centres of mass), "rigid" or "affine" (mutual information). A linear parent
+            transform of the moving volume is the starting point: the moving volume is read with
+            it applied, the alignment is computed on top of it, and it stays below the output
+            transform. The matrix used is returned (``initialMatrix``) and stored on the
+            transform (attribute ``EOIRRegistration.initial_matrix_lps``).
+        :param refineIterations: per-pair refinement (instance optimisation) after the network,
+            0 = off.
+        :param refineSeconds: time budget of the refinement in seconds, 0 = no limit.
         :param progressCallback: ``f(stage: str, fraction: float)``, fraction of the whole run.
         :param cancelEvent: ``threading.Event`` (or callable returning bool) to stop the run;
             raises ``RegistrationCancelled`` and leaves the scene as it was.
         """
         started = time.perf_counter()
+        checkEngineOptions(initialAlignment, refineIterations, refineSeconds)  # before any work
         if progressCallback is not None:
             progressCallback("reading volumes", 0.0)
         inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode,
@@ -547,8 +635,10 @@ class RegistrationLogic:
         if progressCallback is not None:
             progressCallback("reading volumes", _PREPARE_END)
         result = self.runEngine(inputs, model=model, device=device, workingSpacing=workingSpacing,
-                                intensityWindow=intensityWindow, progressCallback=progressCallback,
-                                cancelEvent=cancelEvent)
+                                intensityWindow=intensityWindow,
+                                initialAlignment=initialAlignment,
+                                refineIterations=refineIterations, refineSeconds=refineSeconds,
+                                progressCallback=progressCallback, cancelEvent=cancelEvent)
         outputs = self.createOutputs(inputs, result, outputTransformNode=outputTransformNode,
                                      outputVolumeNode=outputVolumeNode, showJacobian=showJacobian,
                                      showFolding=showFolding, progressCallback=progressCallback,
@@ -631,6 +721,7 @@ class EngineResult:
     timings: dict = field(default_factory=dict)
     model_name: str = ""
     device: str = ""
+    initial_matrix: Optional[np.ndarray] = None  # 4x4 LPS, fixed point -> moving point
 
 
 def _errorFromWorker(info: dict) -> BaseException:
@@ -658,6 +749,7 @@ class ProcessRegistration:
 
     def __init__(self, inputs: RegistrationInputs, pythonExecutable: str | None = None,
                  model="default", device="auto", workingSpacing=None, intensityWindow=None,
+                 initialAlignment="none", refineIterations=0, refineSeconds=0.0,
                  engine: str | None = None, tempDir: str | None = None):
         if not isinstance(model, (str, os.PathLike)):
             raise InputError("a model object cannot be sent to the registration process; give a "
@@ -666,9 +758,13 @@ class ProcessRegistration:
         self.pythonExecutable = pythonExecutable or sys.executable
         if workingSpacing is not None and not isinstance(workingSpacing, (list, tuple)):
             workingSpacing = (float(workingSpacing),) * 3
+        method, iterations, seconds = checkEngineOptions(initialAlignment, refineIterations,
+                                                         refineSeconds)
         self._job = {"model": str(model), "device": str(device),
                      "working_spacing": list(workingSpacing) if workingSpacing else None,
-                     "intensity_window": intensityWindow, "engine": engine}
+                     "intensity_window": intensityWindow, "initial_alignment": method,
+                     "refine_iterations": iterations, "refine_seconds": seconds,
+                     "engine": engine}
         self._tempDir = tempDir
         self.jobDir: Path | None = None
         self.process = None
@@ -764,9 +860,12 @@ class ProcessRegistration:
         for name in worker.OUTPUT_IMAGES:
             path = self.jobDir / f"{name}.mha"
             images[name] = sitk.ReadImage(str(path)) if path.exists() else None
+        matrix = info.get("initial_matrix")
         self.result = EngineResult(qa=info.get("qa", {}), timings=info.get("timings", {}),
                                    model_name=info.get("model_name", ""),
-                                   device=info.get("device", ""), **images)
+                                   device=info.get("device", ""),
+                                   initial_matrix=(np.array(matrix, dtype=np.float64).reshape(4, 4)
+                                                   if matrix is not None else None), **images)
 
     def logTail(self, characters: int = 2000) -> str:
         from . import slicer_worker as worker

@@ -5,12 +5,15 @@ interpreter while Qt runs), so the panel runs the engine in a child process inst
 (``PythonSlicer slicer_worker.py JOBDIR``). It needs no MRML, no Qt and not even ``slicer``;
 it talks to the panel through files in ``JOBDIR``:
 
-* ``job.json`` (in): file names of the inputs and the engine options;
+* ``job.json`` (in): file names of the inputs and the engine options (``model``, ``device``,
+  ``working_spacing``, ``intensity_window``, ``initial_alignment``, ``refine_iterations``,
+  ``refine_seconds``; the last three optional: "none", 0 = off, 0 = no time limit);
 * ``fixed.mha``, ``moving.mha`` and optionally ``labels.mha`` (in): LPS images;
 * ``cancel`` (in): created by the panel to ask for a stop (polled between engine stages);
 * ``progress.json`` (out): ``{"stage": str, "fraction": float}``, replaced atomically;
 * ``displacement.mha``, ``warped.mha``, ``jacobian.mha``, ``folding.mha``,
-  ``warped_labels.mha`` and ``result.json`` (out) on success, exit status 0;
+  ``warped_labels.mha`` and ``result.json`` (out: qa, timings, model_name, device and
+  initial_matrix, the 4x4 LPS matrix as nested lists or null) on success, exit status 0;
 * ``error.json`` (out) ``{"type", "message"}`` on failure, exit status 1 (2 when cancelled).
 
 torch is imported here (through the engine), in the child process only.
@@ -54,6 +57,18 @@ def _engine(spec: str | None):
     return register
 
 
+def _refine(job: dict):
+    """The engine's ``refine`` argument from the job: None when off (torch is not imported for
+    it then), else a ``RefineConfig``."""
+    iterations = int(job.get("refine_iterations") or 0)
+    if iterations <= 0:
+        return None
+    from EOIRRegistrationLib.refine import RefineConfig
+
+    seconds = float(job.get("refine_seconds") or 0.0)
+    return RefineConfig(iterations=iterations, time_budget_s=seconds if seconds > 0 else None)
+
+
 def run(jobDir: str | os.PathLike) -> int:
     jobDir = Path(jobDir)
     import SimpleITK as sitk
@@ -81,7 +96,9 @@ def run(jobDir: str | os.PathLike) -> int:
         result = register(fixed, moving, model=job.get("model", "default"),
                           device=job.get("device", "auto"), moving_labels=labels,
                           working_spacing=tuple(spacing) if spacing else None,
-                          intensity_window=window, progress=progress, cancel=cancelled)
+                          intensity_window=window, refine=_refine(job),
+                          initial_alignment=str(job.get("initial_alignment") or "none"),
+                          progress=progress, cancel=cancelled)
         for name in OUTPUT_IMAGES:
             image = getattr(result, name, None)
             if image is not None:
@@ -91,12 +108,21 @@ def run(jobDir: str | os.PathLike) -> int:
             "timings": {k: float(v) for k, v in dict(getattr(result, "timings", {}) or {}).items()},
             "model_name": str(getattr(result, "model_name", "")),
             "device": str(getattr(result, "device", "")),
+            "initial_matrix": _matrixList(getattr(result, "initial_matrix", None)),
         })
         return EXIT_OK
     except BaseException as exc:  # reported to the panel, which shows the reason
         traceback.print_exc()
         _writeJson(jobDir / ERROR_FILE, {"type": exc.__class__.__name__, "message": str(exc)})
         return EXIT_CANCELLED if exc.__class__.__name__ == "RegistrationCancelled" else EXIT_ERROR
+
+
+def _matrixList(matrix):
+    if matrix is None:
+        return None
+    import numpy as np
+
+    return np.asarray(matrix, dtype=np.float64).reshape(4, 4).tolist()
 
 
 def main(argv=None) -> int:

@@ -47,6 +47,12 @@ def oblique_image(size=(20, 18, 16), spacing=(1.2, 0.9, 2.0), origin=(10.0, -5.0
     return image
 
 
+def translation_matrix(x, y, z) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, 3] = (x, y, z)
+    return m
+
+
 def analytic_displacement(reference: sitk.Image, amplitude=2.0) -> sitk.Image:
     k, j, i = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in reversed(reference.GetSize())],
                           indexing="ij")
@@ -67,6 +73,7 @@ class FakeResult:
     timings: dict = field(default_factory=lambda: {"register": 0.01})
     model_name: str = "fake-model"
     device: str = "cpu"
+    initial_matrix: np.ndarray | None = None
 
 
 class FakeEngine:
@@ -78,12 +85,16 @@ class FakeEngine:
         self.amplitude = amplitude
         self.delay = delay
         self.calls = []
+        self.initial_matrix = None  # what the result reports as the initial matrix
 
     def __call__(self, fixed, moving, model="default", device="auto", moving_labels=None,
-                 working_spacing=None, intensity_window=None, progress=None, cancel=None):
+                 working_spacing=None, intensity_window=None, refine=None,
+                 initial_alignment="none", initial_transform=None, progress=None, cancel=None):
         self.calls.append(dict(fixed=fixed, moving=moving, model=model, device=device,
                                moving_labels=moving_labels, working_spacing=working_spacing,
-                               intensity_window=intensity_window))
+                               intensity_window=intensity_window, refine=refine,
+                               initial_alignment=initial_alignment,
+                               initial_transform=initial_transform))
         for stage, fraction in self.stages:
             if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
                 raise RegistrationCancelled("cancelled")
@@ -101,7 +112,7 @@ class FakeEngine:
             labels = sitk.Resample(moving_labels, fixed, tx, sitk.sitkNearestNeighbor, 0,
                                    moving_labels.GetPixelID())
         return FakeResult(displacement, warped, jacobian, folding, labels,
-                          slicer_logic.computeQA(jacobian))
+                          slicer_logic.computeQA(jacobian), initial_matrix=self.initial_matrix)
 
 
 @pytest.fixture
@@ -163,6 +174,7 @@ def scene_state(scene):
         if node.IsA("vtkMRMLTransformNode"):
             entry.append(node.GetNodeReferenceID("spatialRegistrationMoving"))
             entry.append(node.GetAttribute("EOIRRegistration.folding_percent"))
+            entry.append(node.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE))
             entry.append(node.IsLinear())
         if node.IsA("vtkMRMLVolumeNode") and node.GetImageData() is not None:
             entry.append(np.array(slicer.util.arrayFromVolume(node)).tobytes())
@@ -346,7 +358,10 @@ def test_scene_is_left_as_it_was_after_a_failure(scene, volumes, fake_engine, mo
                                                   target, calls_before, after):
     fixed, moving = volumes
     logic = slicer_logic.RegistrationLogic(scene)
+    fake_engine.initial_matrix = translation_matrix(1.0, 2.0, 3.0)
     previous = logic.registerVolumes(fixed, moving)  # an earlier result to be reused
+    assert previous.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)
+    fake_engine.initial_matrix = translation_matrix(-4.0, 0.0, 0.5)
     segmentation, _ = add_segmentation(scene, moving)
     output_volume = bridge.imageToVolumeNode(oblique_image(seed=7), scene, "old warped")
     prealign = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "prealign")
@@ -486,7 +501,18 @@ import SimpleITK as sitk
 
 
 def register(fixed, moving, model="default", device="auto", moving_labels=None,
-             working_spacing=None, intensity_window=None, progress=None, cancel=None):
+             working_spacing=None, intensity_window=None, refine=None, initial_alignment="none",
+             initial_transform=None, progress=None, cancel=None):
+    record = os.environ.get("EOIR_FAKE_RECORD")
+    if record:
+        import json
+        with open(record, "w") as f:
+            json.dump({"initial_alignment": initial_alignment,
+                       "refine": None if refine is None else [type(refine).__name__,
+                                                              refine.iterations,
+                                                              refine.time_budget_s],
+                       "working_spacing": list(working_spacing) if working_spacing else None},
+                      f)
     failure = os.environ.get("EOIR_FAKE_FAIL")
     if failure == "crash":
         os._exit(3)
@@ -515,7 +541,9 @@ def register(fixed, moving, model="default", device="auto", moving_labels=None,
                                                  sitk.sitkFloat32),
         jacobian=jac, folding=sitk.Cast(jac <= 0, sitk.sitkUInt8), warped_labels=labels,
         qa={"folding_percent": 0.0, "sdlogj": 0.1, "jacobian_min": 0.5, "jacobian_max": 1.5},
-        timings={"flow": 0.01}, model_name="fake-model", device="cpu")
+        timings={"flow": 0.01}, model_name="fake-model", device="cpu",
+        initial_matrix=None if initial_alignment == "none" else np.array(
+            [[1.0, 0, 0, 1.5], [0, 1.0, 0, -2.5], [0, 0, 1.0, 0.25], [0, 0, 0, 1]]))
 '''
 
 
@@ -528,6 +556,7 @@ def worker_env(monkeypatch, tmp_path_factory):
                                                       os.environ.get("PYTHONPATH", "")]))
     monkeypatch.delenv("EOIR_FAKE_FAIL", raising=False)
     monkeypatch.delenv("EOIR_FAKE_DELAY", raising=False)
+    monkeypatch.delenv("EOIR_FAKE_RECORD", raising=False)
     return monkeypatch
 
 
@@ -772,4 +801,310 @@ def test_real_engine_runs_in_the_worker_process(scene, untrained_model_file, tmp
     out = logic.createOutputs(inputs, job.result)
     assert out.warpedSegmentationNode.IsA("vtkMRMLLabelMapVolumeNode")
     assert set(np.unique(slicer.util.arrayFromVolume(out.warpedSegmentationNode))) <= {0, 1, 2}
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# initial alignment and per-pair refinement
+# ---------------------------------------------------------------------------------------------
+
+def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_engine):
+    from EOIRRegistrationLib.refine import RefineConfig
+
+    fixed, moving = volumes
+    logic = slicer_logic.RegistrationLogic(scene)
+    # defaults: the engine's own (no alignment, no refinement)
+    first = logic.registerVolumes(fixed, moving)
+    assert fake_engine.calls[-1]["initial_alignment"] == "none"
+    assert fake_engine.calls[-1]["refine"] is None
+    assert first.initialMatrix is None
+    assert first.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE) is None
+
+    matrix = np.array([[0.98, -0.17, 0.0, 4.0], [0.17, 0.98, 0.0, -2.0], [0.0, 0.0, 1.0, 1.5],
+                       [0.0, 0.0, 0.0, 1.0]])
+    fake_engine.initial_matrix = matrix
+    out = logic.registerVolumes(fixed, moving, initialAlignment="rigid", refineIterations=25,
+                                refineSeconds=4.5, outputTransformNode=first.transformNode)
+    call = fake_engine.calls[-1]
+    assert call["initial_alignment"] == "rigid" and call["initial_transform"] is None
+    assert isinstance(call["refine"], RefineConfig)
+    assert call["refine"].iterations == 25 and call["refine"].time_budget_s == 4.5
+    # the matrix is returned and stored on the transform as 16 numbers (row-major)
+    np.testing.assert_array_equal(out.initialMatrix, matrix)
+    text = out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)
+    assert len(text.split()) == 16
+    np.testing.assert_allclose(slicer_logic.initialMatrixFromAttribute(text), matrix, atol=1e-12)
+
+    # refinement without a time limit; a rerun whose engine reports no matrix drops the old one
+    fake_engine.initial_matrix = None
+    out = logic.registerVolumes(fixed, moving, initialAlignment="com", refineIterations=3,
+                                outputTransformNode=first.transformNode)
+    assert fake_engine.calls[-1]["initial_alignment"] == "com"
+    assert fake_engine.calls[-1]["refine"].time_budget_s is None
+    assert out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE) is None
+
+    # iterations 0 switch refinement off whatever the budget
+    logic.registerVolumes(fixed, moving, initialAlignment="affine", refineIterations=0,
+                          refineSeconds=30.0, outputTransformNode=first.transformNode)
+    assert fake_engine.calls[-1]["refine"] is None
+    assert fake_engine.calls[-1]["initial_alignment"] == "affine"
+
+    # the thread variant passes them too
+    inputs = logic.prepareInputs(fixed, moving, outputTransformNode=first.transformNode)
+    job = slicer_logic.BackgroundRegistration(inputs, initialAlignment="com",
+                                              refineIterations=7, refineSeconds=1.0).start()
+    assert job.wait(timeout=30) and job.error is None, job.error
+    assert fake_engine.calls[-1]["initial_alignment"] == "com"
+    assert fake_engine.calls[-1]["refine"].iterations == 7
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(initialAlignment="similarity"), "unknown initial alignment"),
+    (dict(refineIterations=-1), "refine iterations"),
+    (dict(refineIterations=1001), "refine iterations"),
+    (dict(refineIterations=2.5), "refine iterations"),
+    (dict(refineIterations=10, refineSeconds=-1.0), "time budget"),
+])
+def test_bad_alignment_or_refinement_options_are_refused(scene, volumes, fake_engine, tmp_path,
+                                                         options, message):
+    fixed, moving = volumes
+    logic = slicer_logic.RegistrationLogic(scene)
+    before = scene_state(scene)
+    with pytest.raises(InputError, match=message):
+        logic.registerVolumes(fixed, moving, **options)
+    assert fake_engine.calls == [] and scene_state(scene) == before
+    inputs = logic.prepareInputs(fixed, moving)
+    with pytest.raises(InputError, match=message):
+        slicer_logic.ProcessRegistration(inputs, tempDir=str(tmp_path), **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_process_registration_passes_alignment_and_refinement(scene, volumes, worker_env,
+                                                              tmp_path):
+    import json
+
+    fixed, moving = volumes
+    logic = slicer_logic.RegistrationLogic(scene)
+    inputs = logic.prepareInputs(fixed, moving)
+    record = tmp_path.parent / f"{tmp_path.name}-record.json"
+    worker_env.setenv("EOIR_FAKE_RECORD", str(record))
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    job = slicer_logic.ProcessRegistration(inputs, engine="eoir_fake_engine:register",
+                                           initialAlignment="affine", refineIterations=7,
+                                           refineSeconds=2.0, tempDir=str(jobs)).start()
+    assert job.wait(timeout=120) and job.error is None, job.error
+    seen = json.loads(record.read_text())
+    assert seen["initial_alignment"] == "affine"
+    assert seen["refine"] == ["RefineConfig", 7, 2.0]
+    expected = np.array([[1.0, 0, 0, 1.5], [0, 1.0, 0, -2.5], [0, 0, 1.0, 0.25], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(job.result.initial_matrix, expected)
+    out = logic.createOutputs(inputs, job.result)
+    np.testing.assert_array_equal(out.initialMatrix, expected)
+    np.testing.assert_allclose(slicer_logic.initialMatrixFromAttribute(
+        out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)), expected)
+
+    # defaults: no alignment, no refinement (and torch is not needed for that in the child)
+    job = slicer_logic.ProcessRegistration(inputs, engine="eoir_fake_engine:register",
+                                           tempDir=str(jobs)).start()
+    assert job.wait(timeout=120) and job.error is None, job.error
+    seen = json.loads(record.read_text())
+    assert seen["initial_alignment"] == "none" and seen["refine"] is None
+    assert job.result.initial_matrix is None
+    assert list(jobs.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def zero_model_file(tmp_path_factory):
+    """A small EOIR model whose output convolutions are zero: the network moves nothing, so the
+    result is exactly the initial alignment."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("EOIRRegistrationLib.pipeline")
+    from EOIRRegistrationLib import modelfile
+    from EOIRRegistrationLib.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("eoir", {"channels": 4, "levels": 3})
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".out." in name:
+                parameter.zero_()
+    path = tmp_path_factory.mktemp("models") / "zero.pt"
+    modelfile.save_model(path, model, {"description": "zero-output test model",
+                                       "working_spacing_mm": [2.0, 2.0, 2.0]})
+    return str(path)
+
+
+def textured_object(size=32, spacing=2.0, seed=0):
+    """An ellipsoid filled with a smooth random texture and a brighter spot (so a rotation
+    decorrelates its inside), and the mask of its inside away from the edges."""
+    rng = np.random.RandomState(seed)
+    k, j, i = np.meshgrid(*[np.arange(size, dtype=np.float64) - (size - 1) / 2.0] * 3,
+                          indexing="ij")
+    body = (i / 11.0) ** 2 + (j / 8.5) ** 2 + (k / 7.0) ** 2 < 1
+    spot = ((i - 5.0) / 3.5) ** 2 + ((j + 3.0) / 2.5) ** 2 + ((k - 1.0) / 3.0) ** 2 < 1
+    noise = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
+        sitk.GetImageFromArray(rng.rand(size, size, size).astype(np.float32)), 1.5))
+    noise = (noise - noise.mean()) / noise.std()
+    image = sitk.GetImageFromArray((body * (400.0 + 120.0 * noise) + 300.0 * spot)
+                                   .astype(np.float32))
+    image.SetSpacing((spacing,) * 3)
+    image.SetOrigin((-(size - 1) * spacing / 2.0,) * 3)
+    inside = (i / 9.5) ** 2 + (j / 7.0) ** 2 + (k / 5.5) ** 2 < 1
+    return sitk.SmoothingRecursiveGaussian(image, 0.75 * spacing), inside
+
+
+ROTATION_DEGREES = 20.0
+
+
+@pytest.fixture(scope="module")
+def rotated_pair():
+    """(fixed, moving, inside mask, rotation): moving = fixed rotated by 20 degrees about the
+    superior axis and shifted a few mm (moving(y) = fixed(R y + t))."""
+    import math
+
+    fixed, inside = textured_object()
+    rotation = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, math.radians(ROTATION_DEGREES),
+                                     (3.0, -2.0, 1.0))
+    moving = sitk.Resample(fixed, fixed, rotation, sitk.sitkLinear, 0.0)
+    return fixed, moving, inside, rotation
+
+
+def _hardened_correlation(scene, moving_node, fixed_img, inside) -> float:
+    """Slicer hardens the moving volume through its transforms; its correlation with the fixed
+    volume inside the object (after resampling the hardened volume onto the fixed grid)."""
+    transform_logic = slicer.vtkSlicerTransformLogic()
+    transform_logic.SetMRMLScene(scene)
+    transform_logic.hardenTransform(moving_node)
+    assert moving_node.GetParentTransformNode() is None
+    hardened = bridge.volumeNodeToImage(moving_node)
+    on_fixed = sitk.GetArrayFromImage(sitk.Resample(hardened, fixed_img, sitk.Transform(),
+                                                    sitk.sitkLinear, 0.0))
+    return float(np.corrcoef(sitk.GetArrayFromImage(fixed_img)[inside], on_fixed[inside])[0, 1])
+
+
+def _engine_spy(monkeypatch):
+    from EOIRRegistrationLib import pipeline
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs, pipeline.register(*args, **kwargs)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(slicer_logic, "_engineRegister", lambda: spy)
+    return calls
+
+
+def _rotation_degrees(matrix) -> float:
+    u, _, vt = np.linalg.svd(np.asarray(matrix)[:3, :3])
+    r = u @ vt
+    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def test_real_engine_affine_alignment_lands_in_slicer(scene, zero_model_file, rotated_pair,
+                                                      monkeypatch):
+    fixed_img, moving_img, inside, rotation = rotated_pair
+    calls = _engine_spy(monkeypatch)
+    correlations = {}
+    for method in ("none", "affine"):
+        fixed = bridge.imageToVolumeNode(fixed_img, scene, f"fixed {method}")
+        moving = bridge.imageToVolumeNode(moving_img, scene, f"moving {method}")
+        out = slicer_logic.RegistrationLogic(scene).registerVolumes(
+            fixed, moving, model=zero_model_file, device="cpu", initialAlignment=method)
+        args, kwargs, result = calls[-1]
+        assert kwargs["initial_alignment"] == method and kwargs["refine"] is None
+        # the grid transform node holds the engine's displacement, alignment included
+        np.testing.assert_allclose(
+            sitk.GetArrayFromImage(bridge.gridTransformNodeToDisplacement(out.transformNode)),
+            sitk.GetArrayFromImage(result.displacement), atol=1e-12)
+        np.testing.assert_array_equal(out.initialMatrix, result.initial_matrix)
+        np.testing.assert_allclose(slicer_logic.initialMatrixFromAttribute(
+            out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)),
+            result.initial_matrix, atol=1e-9)
+        assert moving.GetParentTransformNode() is out.transformNode
+        correlations[method] = _hardened_correlation(scene, moving, fixed_img, inside)
+        if method == "none":
+            np.testing.assert_array_equal(out.initialMatrix, np.eye(4))
+            assert np.abs(sitk.GetArrayFromImage(result.displacement)).max() == 0.0
+        else:
+            # the zero model moves nothing: the field is the affine map x -> A x
+            assert _rotation_degrees(out.initialMatrix) == pytest.approx(ROTATION_DEGREES, abs=3)
+            a = out.initialMatrix
+            field = sitk.DisplacementFieldTransform(sitk.Image(result.displacement))
+            x = np.array([4.0, -6.0, 2.0])
+            np.testing.assert_allclose(field.TransformPoint(tuple(x)), a[:3, :3] @ x + a[:3, 3],
+                                       atol=1e-6)
+    assert correlations["affine"] > 0.85, correlations
+    assert correlations["none"] < correlations["affine"] - 0.25, correlations
+
+
+def test_initial_alignment_is_computed_on_top_of_a_linear_parent_transform(
+        scene, zero_model_file, rotated_pair, monkeypatch):
+    """A moving volume under a linear (pre-alignment) transform: the engine sees it with the
+    transform applied, computes the alignment from there, and the transform stays below the
+    output transform, so hardening composes both correctly."""
+    import math
+
+    fixed_img, moving_img, inside, rotation = rotated_pair
+    calls = _engine_spy(monkeypatch)
+    # reference: the alignment found without a parent transform
+    fixed = bridge.imageToVolumeNode(fixed_img, scene, "fixed")
+    plain = bridge.imageToVolumeNode(moving_img, scene, "moving plain")
+    reference = slicer_logic.RegistrationLogic(scene).registerVolumes(
+        fixed, plain, model=zero_model_file, device="cpu", initialAlignment="rigid",
+        showJacobian=False, showFolding=False)
+
+    # a pre-alignment undoing half of the rotation (RAS; a rotation about S is the same in LPS)
+    half = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, math.radians(ROTATION_DEGREES / 2),
+                                 (0.0, 0.0, 0.0))
+    parent_lps = np.eye(4)
+    parent_lps[:3, :3] = np.reshape(half.GetMatrix(), (3, 3))
+    parent_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ parent_lps @ np.diag([-1.0, -1.0, 1.0, 1.0])
+    prealign = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "prealign")
+    prealign.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(parent_ras))
+    moving = bridge.imageToVolumeNode(moving_img, scene, "moving")
+    moving.SetAndObserveTransformNodeID(prealign.GetID())
+    out = slicer_logic.RegistrationLogic(scene).registerVolumes(
+        fixed, moving, model=zero_model_file, device="cpu", initialAlignment="rigid",
+        showJacobian=False, showFolding=False)
+    args, kwargs, result = calls[-1]
+    # the engine saw the moving volume in world coordinates (the pre-alignment folded in) ...
+    np.testing.assert_allclose(np.reshape(args[1].GetDirection(), (3, 3)),
+                               parent_lps[:3, :3] @ np.reshape(moving_img.GetDirection(), (3, 3)),
+                               atol=1e-9)
+    # ... so its matrix is the rest of the way: parent o (matrix without the parent)
+    np.testing.assert_allclose(out.initialMatrix[:3, :3],
+                               (parent_lps @ reference.initialMatrix)[:3, :3], atol=0.03)
+    np.testing.assert_allclose(out.initialMatrix[:3, 3],
+                               (parent_lps @ reference.initialMatrix)[:3, 3], atol=0.5)
+    assert _rotation_degrees(out.initialMatrix) == pytest.approx(ROTATION_DEGREES / 2, abs=3)
+    # chain: moving -> prealign -> output transform -> world
+    assert moving.GetParentTransformNode() is prealign
+    assert prealign.GetParentTransformNode() is out.transformNode
+    assert _hardened_correlation(scene, moving, fixed_img, inside) > 0.85
+
+
+def test_real_engine_alignment_and_refinement_in_the_worker_process(scene, zero_model_file,
+                                                                     rotated_pair, tmp_path):
+    from EOIRRegistrationLib.alignment import initial_matrix
+
+    fixed_img, moving_img, inside, rotation = rotated_pair
+    fixed = bridge.imageToVolumeNode(fixed_img, scene, "fixed")
+    moving = bridge.imageToVolumeNode(moving_img, scene, "moving")
+    logic = slicer_logic.RegistrationLogic(scene)
+    inputs = logic.prepareInputs(fixed, moving)
+    job = slicer_logic.ProcessRegistration(inputs, model=zero_model_file, device="cpu",
+                                           initialAlignment="com", refineIterations=3,
+                                           refineSeconds=60.0, tempDir=str(tmp_path)).start()
+    assert job.wait(timeout=180), "worker did not finish"
+    assert job.error is None, f"{job.error}\n{job.logTail()}"
+    expected = initial_matrix(fixed_img, moving_img, "com")
+    np.testing.assert_allclose(job.result.initial_matrix, expected, atol=1e-6)
+    assert "refining" in job.result.timings
+    out = logic.createOutputs(inputs, job.result)
+    np.testing.assert_allclose(slicer_logic.initialMatrixFromAttribute(
+        out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)), expected,
+        atol=1e-9)
+    assert moving.GetParentTransformNode() is out.transformNode
     assert list(tmp_path.iterdir()) == []

@@ -302,3 +302,99 @@ def test_module_logic_and_self_test_run_on_slicer_core(module_with_stub_applicat
         result = test.defaultTestResult()
         test.run(result)
         assert result.wasSuccessful(), result.errors + result.failures
+
+
+def _form_rows(ui_tree, section):
+    """Widget names inside the collapsible section ``section``."""
+    for element in ui_tree.iter("widget"):
+        if element.get("name") == section:
+            return {w.get("name") for w in element.iter("widget")}
+    raise AssertionError(section)
+
+
+def test_initial_alignment_and_refinement_widgets(ui_tree, widgets, module_ast):
+    fields = parameter_fields(module_ast)
+    # Inputs: the initial alignment combo box, bound to a Choice of the engine's method names
+    assert "initialAlignmentComboBox" in _form_rows(ui_tree, "inputsCollapsibleButton")
+    cls, props = widgets["initialAlignmentComboBox"]
+    assert cls == "QComboBox" and text(props["SlicerParameterName"]) == "initialAlignment"
+    choices = re.search(r"Choice\((\[.*?\])\)", fields["initialAlignment"]).group(1)
+    assert ast.literal_eval(choices) == ["none", "com", "rigid", "affine"]
+    assert "linear transform" in text(props["toolTip"])
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert 'initialAlignment: Annotated[str, Choice(["none", "com", "rigid", "affine"])] = "none"' \
+        in source  # the engine's default
+    # the .ui lists the same choices, in the same order, with the labels the code sets
+    element = next(e for e in ui_tree.iter("widget") if e.get("name") == "initialAlignmentComboBox")
+    items = [item.find("property/string").text for item in element.findall("item")]
+    assert items == ["None (inputs already aligned)", "Centres of mass", "Rigid", "Affine"]
+    for label in items:
+        assert f'"{label}"' in source
+    # Advanced: refine iterations (0 = off, 0..1000) and time budget (0 = no limit)
+    advanced = _form_rows(ui_tree, "advancedCollapsibleButton")
+    assert {"refineIterationsSpinBox", "refineSecondsSpinBox"} <= advanced
+    cls, props = widgets["refineIterationsSpinBox"]
+    assert cls == "QSpinBox" and text(props["SlicerParameterName"]) == "refineIterations"
+    assert (text(props["minimum"]), text(props["maximum"]), text(props["value"])) == \
+        ("0", "1000", "0")
+    assert text(props["specialValueText"]) == "off"
+    assert fields["refineIterations"] == "Annotated[int, WithinRange(0, 1000)]"
+    cls, props = widgets["refineSecondsSpinBox"]
+    assert cls == "QDoubleSpinBox" and text(props["SlicerParameterName"]) == "refineSeconds"
+    assert float(text(props["minimum"])) == 0.0 and float(text(props["value"])) == 0.0
+    assert text(props["specialValueText"]) == "no limit"
+    assert "= 0" in source.split("refineIterations: ")[1].splitlines()[0]
+    assert "= 0.0" in source.split("refineSeconds: ")[1].splitlines()[0]
+
+
+def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_application,
+                                                             monkeypatch):
+    """Apply: the widget hands the parameter node's choices to ProcessRegistration; the module
+    logic's registerVolumes passes them to the engine."""
+    import types
+
+    module, scene = module_with_stub_application
+    from EOIRRegistrationLib import slicer_bridge, slicer_logic
+
+    fixed_img, moving_img, _, _ = slicer_logic.syntheticTestPair(size=16)
+    fixed = slicer_bridge.imageToVolumeNode(fixed_img, scene, "fixed")
+    moving = slicer_bridge.imageToVolumeNode(moving_img, scene, "moving")
+
+    started = []
+
+    class RecordingProcess:
+        def __init__(self, inputs, **kwargs):
+            self.inputs, self.kwargs = inputs, kwargs
+
+        def start(self):
+            started.append(self)
+            return self
+
+    monkeypatch.setattr(slicer_logic, "ProcessRegistration", RecordingProcess)
+    widget = object.__new__(module.EOIRRegistrationWidget)
+    widget.logic = module.EOIRRegistrationLogic()
+    widget._parameterNode = types.SimpleNamespace(
+        fixedVolume=fixed, movingVolume=moving, movingSegmentation=None, outputTransform=None,
+        outputVolume=None, model="default", device="cpu", workingSpacing=0.0,
+        useIntensityWindow=False, showJacobian=True, showFolding=False,
+        initialAlignment="affine", refineIterations=40, refineSeconds=12.5)
+    widget._setRunning = lambda running: None
+    widget._timer = types.SimpleNamespace(start=lambda: None)
+    widget._startRegistration()
+    (job,) = started
+    assert job.kwargs["initialAlignment"] == "affine"
+    assert job.kwargs["refineIterations"] == 40 and job.kwargs["refineSeconds"] == 12.5
+    assert job.inputs.movingVolumeNode is moving
+
+    calls = []
+
+    def fake_register(fixed, moving, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(slicer_logic, "_engineRegister", lambda: fake_register)
+    with pytest.raises(RuntimeError, match="stop here"):
+        module.EOIRRegistrationLogic().registerVolumes(fixed, moving, initialAlignment="com",
+                                                       refineIterations=5, refineSeconds=2.0)
+    assert calls[0]["initial_alignment"] == "com"
+    assert calls[0]["refine"].iterations == 5 and calls[0]["refine"].time_budget_s == 2.0
