@@ -115,10 +115,11 @@ class _Stages:
             self.progress("done", 1.0)
 
 
-def _to_working(image: sitk.Image, grid: geometry.Grid, device, affine=None) -> torch.Tensor:
-    src = geometry.Grid.from_image(image)
-    coords = geometry.array_coords_of(grid, src, affine=affine, device=device)
-    return geometry.sample_like_itk(geometry.image_to_tensor(image).to(device), coords)
+def _to_working(image: sitk.Image, values: torch.Tensor, grid: geometry.Grid,
+                affine=None) -> torch.Tensor:
+    """``values`` (the image as a tensor) resampled onto the working grid, through ``affine``."""
+    coords = geometry.array_coords_of(grid, geometry.Grid.from_image(image), affine=affine)
+    return geometry.sample_like_itk(values, coords)
 
 
 def _include_affine(disp: torch.Tensor, grid: geometry.Grid, a: np.ndarray) -> torch.Tensor:
@@ -205,18 +206,20 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     affine = None if np.allclose(a, np.eye(4)) else a
     fixed_grid = geometry.Grid.from_image(fixed)
     wgrid = geometry.working_grid(fixed_grid, spacing, multiple=loaded.model.size_multiple)
+    # Each image is converted to a tensor once; the moving one is reused for the final warp.
+    fixed_t, moving_t = geometry.image_to_tensor(fixed), geometry.image_to_tensor(moving)
     tensors = []
-    for k, (image, role) in enumerate(((fixed, "fixed"), (moving, "moving"))):
-        raw = geometry.image_to_tensor(image)
+    for k, (image, values, role) in enumerate(((fixed, fixed_t, "fixed"),
+                                               (moving, moving_t, "moving"))):
         window = (tuple(intensity_window[k]) if intensity_window is not None
-                  else window_of(raw, loaded.normalization))
+                  else window_of(values, loaded.normalization))
         if not window[1] > window[0]:
             raise InputError(f"the {role} image's intensity window {window} is empty (high must "
                              "exceed low); most voxels may share one value")
-        tensors.append(normalize(_to_working(image, wgrid, torch.device("cpu"),
+        tensors.append(normalize(_to_working(image, values, wgrid,
                                              affine if role == "moving" else None), window))
-        del raw
     fixed_w, moving_w = tensors
+    del fixed_t
 
     stages.start("registering")
     u, dev = _network_with_fallback(loaded, fixed_w, moving_w, dev, str(device), stages)
@@ -245,8 +248,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
         disp = _include_affine(disp, fixed_grid, affine)
     moving_grid = geometry.Grid.from_image(moving)
     coords = geometry.array_coords_of(fixed_grid, moving_grid, displacement=disp)
-    warped = geometry.sample_like_itk(geometry.image_to_tensor(moving), coords)[0, 0]
-    del coords
+    warped = geometry.sample_like_itk(moving_t, coords)[0, 0]
+    del coords, moving_t
     warped_labels = None
     if moving_labels is not None:
         label_grid = geometry.Grid.from_image(moving_labels)
