@@ -358,36 +358,29 @@ def getOrCreateJacobianColorNode(scene, created: list | None = None):
 
     ``created`` (optional list) receives the node if this call added it to the scene.
     """
-    node = _findColorNode(scene, "jacobian")
-    if node is not None:
-        return node
-    node = slicer.vtkMRMLColorTableNode()
-    node.SetTypeToUser()
-    node.SetNumberOfColors(256)
-    for i in range(256):
-        r, g, b = _diverging(i / 255.0)
-        node.SetColor(i, f"{i}", r, g, b, 1.0)
-    node.SetName(JACOBIAN_COLOR_NODE_NAME)
-    node.SetAttribute(_COLOR_ATTRIBUTE, "jacobian")
-    node.SetAttribute("Category", "EOIRRegistration")
-    scene.AddNode(node)
-    if created is not None:
-        created.append(node)
-    return node
+    colors = [(f"{i}", *_diverging(i / 255.0), 1.0) for i in range(256)]
+    return _getOrCreateColorTable(scene, "jacobian", JACOBIAN_COLOR_NODE_NAME, colors, created)
 
 
 def getOrCreateFoldingColorNode(scene, created: list | None = None):
     """Two-entry label table: 0 = background (transparent), 1 = folding (red)."""
-    node = _findColorNode(scene, "folding")
+    colors = [("background", 0.0, 0.0, 0.0, 0.0), ("folding", 1.0, 0.0, 0.0, 1.0)]
+    return _getOrCreateColorTable(scene, "folding", FOLDING_COLOR_NODE_NAME, colors, created)
+
+
+def _getOrCreateColorTable(scene, kind: str, name: str, colors, created: list | None):
+    """The scene's colour table of this ``kind`` (tagged by attribute), or a new one with
+    ``colors`` = [(label, r, g, b, a), ...]; a new node is appended to ``created``."""
+    node = _findColorNode(scene, kind)
     if node is not None:
         return node
     node = slicer.vtkMRMLColorTableNode()
     node.SetTypeToUser()
-    node.SetNumberOfColors(2)
-    node.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
-    node.SetColor(1, "folding", 1.0, 0.0, 0.0, 1.0)
-    node.SetName(FOLDING_COLOR_NODE_NAME)
-    node.SetAttribute(_COLOR_ATTRIBUTE, "folding")
+    node.SetNumberOfColors(len(colors))
+    for i, (label, r, g, b, a) in enumerate(colors):
+        node.SetColor(i, label, r, g, b, a)
+    node.SetName(name)
+    node.SetAttribute(_COLOR_ATTRIBUTE, kind)
     node.SetAttribute("Category", "EOIRRegistration")
     scene.AddNode(node)
     if created is not None:
