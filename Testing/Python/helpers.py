@@ -1,4 +1,6 @@
 """Small images on oblique, anisotropic grids for the tests (no external data)."""
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -19,3 +21,27 @@ def oblique_image(size=(28, 24, 20), spacing=(1.2, 0.9, 2.5), origin=(-10.0, 5.0
     img.SetOrigin(origin)
     img.SetDirection(rotation(*angles))
     return img
+
+
+def write_tiny_model(path, out_std, spacing=(3.0, 3.0, 3.0), name=None, description=""):
+    """Save a small EOIR model (Ns=4, 3 levels) whose output convolutions are zero
+    (``out_std=0``: the network moves nothing) or random with that std (moves voxels by about a
+    millimetre; for geometry checks, not accuracy). Returns the path as a string."""
+    import torch
+
+    from EOIRRegistrationLib import modelfile
+    from EOIRRegistrationLib.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("eoir", {"channels": 4, "levels": 3})
+    with torch.no_grad():
+        for est in model.estimators:
+            torch.nn.init.zeros_(est.out.bias)
+            if out_std == 0:
+                torch.nn.init.zeros_(est.out.weight)
+            else:
+                torch.nn.init.normal_(est.out.weight, std=out_std)
+    card = {"name": name or Path(path).stem, "description": description,
+            "working_spacing_mm": list(spacing)}
+    modelfile.save_model(path, model, card)
+    return str(path)

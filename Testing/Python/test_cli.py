@@ -9,9 +9,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from EOIRRegistrationLib import cli, modelfile
-from EOIRRegistrationLib.models import build_model
-from helpers import oblique_image
+from EOIRRegistrationLib import cli
+from helpers import oblique_image, write_tiny_model
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
 
@@ -26,13 +25,7 @@ def files(tmp_path):
     paths = {k: str(tmp_path / f"{k}.nii.gz") for k in ("fixed", "moving", "labels")}
     for k, img in zip(paths, (fixed, moving, labels)):
         sitk.WriteImage(img, paths[k])
-    torch.manual_seed(0)
-    model = build_model("eoir", {"channels": 4, "levels": 3})
-    for est in model.estimators:
-        torch.nn.init.normal_(est.out.weight, std=0.05)
-    paths["model"] = str(tmp_path / "tiny.pt")
-    modelfile.save_model(paths["model"], model, {"name": "tiny", "description": "test model",
-                                                 "working_spacing_mm": [3.0, 3.0, 3.0]})
+    paths["model"] = write_tiny_model(tmp_path / "tiny.pt", 0.05, description="test model")
     return paths
 
 

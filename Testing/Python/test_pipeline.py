@@ -8,25 +8,15 @@ import torch
 
 from EOIRRegistrationLib import geometry, modelfile
 from EOIRRegistrationLib.errors import DeviceError, InputError, RegistrationCancelled
-from EOIRRegistrationLib.models import build_model
 from EOIRRegistrationLib.phantom import make_phantom_pair
 from EOIRRegistrationLib import pipeline as pipeline_module
 from EOIRRegistrationLib.pipeline import register
 from EOIRRegistrationLib.refine import RefineConfig
-from helpers import oblique_image
+from helpers import oblique_image, write_tiny_model
 
 
 def tiny_model(tmp_path, name, out_std, spacing=(3.0, 3.0, 3.0)):
-    torch.manual_seed(0)
-    model = build_model("eoir", {"channels": 4, "levels": 3})
-    for est in model.estimators:
-        if out_std == 0:
-            torch.nn.init.zeros_(est.out.weight)
-        else:
-            torch.nn.init.normal_(est.out.weight, std=out_std)
-    path = tmp_path / f"{name}.pt"
-    modelfile.save_model(path, model, {"name": name, "working_spacing_mm": list(spacing)})
-    return modelfile.load_model(path)
+    return modelfile.load_model(write_tiny_model(tmp_path / f"{name}.pt", out_std, spacing))
 
 
 @pytest.fixture

@@ -694,21 +694,12 @@ def test_real_engine_improves_overlap_with_little_folding(scene):
 def untrained_model_file(tmp_path_factory):
     """A small EOIR model with random weights (large enough output to move voxels by millimetres):
     not for accuracy, for checking that the real engine's result lands in Slicer correctly."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("EOIRRegistrationLib.pipeline")
-    from EOIRRegistrationLib import modelfile
-    from EOIRRegistrationLib.models import build_model
+    from helpers import write_tiny_model
 
-    torch.manual_seed(0)
-    model = build_model("eoir", {"channels": 4, "levels": 3})
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".out." in name:
-                parameter.normal_(0.0, 0.05)
-    path = tmp_path_factory.mktemp("models") / "untrained.pt"
-    modelfile.save_model(path, model, {"description": "untrained test model",
-                                       "working_spacing_mm": [2.0, 2.0, 2.0]})
-    return str(path)
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "untrained.pt", 0.05,
+                            spacing=(2.0, 2.0, 2.0), description="untrained test model")
 
 
 def test_real_engine_result_lands_in_slicer_as_the_engine_computed_it(scene, untrained_model_file,
@@ -918,21 +909,12 @@ def test_process_registration_passes_alignment_and_refinement(scene, volumes, wo
 def zero_model_file(tmp_path_factory):
     """A small EOIR model whose output convolutions are zero: the network moves nothing, so the
     result is exactly the initial alignment."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("EOIRRegistrationLib.pipeline")
-    from EOIRRegistrationLib import modelfile
-    from EOIRRegistrationLib.models import build_model
+    from helpers import write_tiny_model
 
-    torch.manual_seed(0)
-    model = build_model("eoir", {"channels": 4, "levels": 3})
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".out." in name:
-                parameter.zero_()
-    path = tmp_path_factory.mktemp("models") / "zero.pt"
-    modelfile.save_model(path, model, {"description": "zero-output test model",
-                                       "working_spacing_mm": [2.0, 2.0, 2.0]})
-    return str(path)
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "zero.pt", 0,
+                            spacing=(2.0, 2.0, 2.0), description="zero-output test model")
 
 
 def textured_object(size=32, spacing=2.0, seed=0):
