@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from . import geometry, spatial
-from .training.synthetic import SyntheticConfig, random_displacement, random_label_map, render
+from .training.synthetic import SyntheticConfig, smooth_noise, random_label_map, render
 
 DEMO_SHAPE = (64, 96, 96)            # array order (k, j, i)
 DEMO_SPACING = (1.5, 1.5, 2.0)       # mm, ITK order (x, y, z)
@@ -40,7 +40,7 @@ def make_phantom_pair(seed: int = 2026, velocity: float = 2.5, shape=DEMO_SHAPE,
     cfg = SyntheticConfig(shape=tuple(shape), num_labels=12, label_scale=8, deformation_scale=8,
                           max_noise=0.02, max_bias=0.1, max_blur=0.6)
     labels = random_label_map(cfg, gen).float()
-    v = random_displacement(cfg, gen, amplitude=velocity)  # reused below as a velocity sample
+    v = smooth_noise(3, tuple(shape), cfg.deformation_scale, gen) * velocity  # voxels
     u_true = spatial.integrate_velocity(v, 7)               # fixed -> moving, voxels
     u_inv = spatial.integrate_velocity(-v, 7)               # moving -> fixed
     moving_labels = spatial.warp(labels, u_inv, mode="nearest")

@@ -22,7 +22,7 @@ import torch
 from .. import geometry, spatial
 from ..errors import InputError
 from ..intensity import normalize, window_of
-from .synthetic import SyntheticConfig, _smooth_noise, _uniform
+from .synthetic import SyntheticConfig, smooth_noise, _uniform
 
 EXTRA_CEREBRAL_FIRST_LABEL = 500
 
@@ -128,7 +128,7 @@ class LabelMapSource:
         crop = spatial.identity_grid(self.shape) + origin  # beyond the map: background
         cfg = SyntheticConfig(**{**self.style.to_dict(), "shape": self.shape})
         amp = _uniform(gen, 0.3, 1.0) * cfg.max_velocity
-        v = _smooth_noise(3, self.shape, cfg.deformation_scale, gen) * amp
+        v = smooth_noise(3, self.shape, cfg.deformation_scale, gen) * amp
         u = spatial.compose(self._random_affine(gen, self.shape), spatial.integrate_velocity(v, 7))
         labels = spatial.sample(base[None, None].float(), crop[None] + u, mode="nearest").long()
         if torch.rand((), generator=gen).item() < self.skull_strip_probability:
@@ -141,7 +141,7 @@ class LabelMapSource:
         sigma = _uniform(gen, 0.0, cfg.max_blur)
         if sigma > 0.1:
             image = spatial.gaussian_blur(image, sigma)
-        bias = torch.exp(_smooth_noise(1, self.shape, 16, gen) * _uniform(gen, 0, cfg.max_bias))
+        bias = torch.exp(smooth_noise(1, self.shape, 16, gen) * _uniform(gen, 0, cfg.max_bias))
         image = image * bias + torch.randn(image.shape, generator=gen) * _uniform(gen, 0,
                                                                                   cfg.max_noise)
         image = normalize(image, window_of(image))

@@ -38,7 +38,8 @@ def _uniform(gen, low, high):
     return low + (high - low) * torch.rand((), generator=gen).item()
 
 
-def _smooth_noise(channels, shape, scale, gen):
+def smooth_noise(channels, shape, scale, gen):
+    """Gaussian noise on a grid ``shape / scale``, trilinearly upsampled: (1, channels, *shape)."""
     coarse = [max(2, s // scale) for s in shape]
     noise = torch.randn(1, channels, *coarse, generator=gen)
     return F.interpolate(noise, size=list(shape), mode="trilinear", align_corners=False)
@@ -47,7 +48,7 @@ def _smooth_noise(channels, shape, scale, gen):
 def random_label_map(cfg: SyntheticConfig, gen: torch.Generator) -> torch.Tensor:
     """(1, 1, *shape) int64 label map: blobs 1..num_labels inside an ellipsoid, 0 outside."""
     shape = tuple(cfg.shape)
-    blobs = _smooth_noise(cfg.num_labels, shape, cfg.label_scale, gen).argmax(1, keepdim=True) + 1
+    blobs = smooth_noise(cfg.num_labels, shape, cfg.label_scale, gen).argmax(1, keepdim=True) + 1
     grid = spatial.identity_grid(shape)
     centre = torch.tensor([(s - 1) / 2 for s in shape]).view(3, 1, 1, 1)
     radii = torch.tensor([s * _uniform(gen, 0.33, 0.46) for s in shape]).view(3, 1, 1, 1)
@@ -58,7 +59,7 @@ def random_label_map(cfg: SyntheticConfig, gen: torch.Generator) -> torch.Tensor
 def random_displacement(cfg: SyntheticConfig, gen: torch.Generator, amplitude: float | None = None):
     """Smooth diffeomorphic voxel displacement (1, 3, *shape): exp of a random smooth velocity."""
     amp = _uniform(gen, 0.3, 1.0) * cfg.max_velocity if amplitude is None else amplitude
-    v = _smooth_noise(3, tuple(cfg.shape), cfg.deformation_scale, gen) * amp
+    v = smooth_noise(3, tuple(cfg.shape), cfg.deformation_scale, gen) * amp
     return spatial.integrate_velocity(v, 7)
 
 
@@ -68,7 +69,7 @@ def render(labels: torch.Tensor, lut: torch.Tensor, cfg: SyntheticConfig, gen) -
     sigma = _uniform(gen, 0.0, cfg.max_blur)
     if sigma > 0.1:
         img = spatial.gaussian_blur(img, sigma)
-    bias = torch.exp(_smooth_noise(1, tuple(cfg.shape), 16, gen) * _uniform(gen, 0, cfg.max_bias))
+    bias = torch.exp(smooth_noise(1, tuple(cfg.shape), 16, gen) * _uniform(gen, 0, cfg.max_bias))
     img = img * bias + torch.randn(img.shape, generator=gen) * _uniform(gen, 0, cfg.max_noise)
     return normalize(img, window_of(img))
 
