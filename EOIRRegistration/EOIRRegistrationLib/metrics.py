@@ -22,6 +22,7 @@ from .geometry import Grid
 
 __all__ = [
     "STANDARD_30_LABELS",
+    "SYNTHSEG_COMPARABLE_LABELS",
     "jacobian_determinant",
     "jacobian_determinant_voxel",
     "folding_fraction",
@@ -34,6 +35,11 @@ __all__ = [
 # FreeSurfer aseg labels of the usual 30-structure brain evaluation.
 STANDARD_30_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43,
                       46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
+# The 27 of them that SynthSeg label maps share with FreeSurfer segmentations: SynthSeg's 24 is
+# the whole extra-cerebral CSF shell (a few sulcal voxels in FreeSurfer) and SynthSeg has no
+# choroid plexus (31, 63). Training on 24 teaches the model to align that shell, which moved
+# cortex and deep structures away on real T1 pairs.
+SYNTHSEG_COMPARABLE_LABELS = tuple(v for v in STANDARD_30_LABELS if v not in (24, 31, 63))
 
 # Voxels per slab of the physical Jacobian (float32 temporaries ~0.2 kB per voxel: ~0.4 GB).
 _SLAB_VOXELS = 1 << 21

@@ -30,7 +30,8 @@ from .devices import is_out_of_memory, resolve_device
 from .errors import DeviceError, InputError, RegistrationCancelled
 from .intensity import normalize, window_of
 from .modelfile import LoadedModel, resolve_model
-from .refine import RefineConfig, refine_displacement
+from .refine import DEFAULT_ITERATIONS as DEFAULT_REFINE_ITERATIONS, RefineConfig, \
+    refine_displacement
 
 ProgressCallback = Callable[[str, float], None]
 STAGES = ("loading model", "preparing images", "registering", "refining", "resampling",
@@ -173,7 +174,8 @@ def _network_with_fallback(loaded, fixed, moving, device, requested: str, stages
 
 def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str = "auto",
              moving_labels: sitk.Image | None = None, working_spacing=None,
-             intensity_window=None, refine: RefineConfig | int | None = None,
+             intensity_window=None,
+             refine: RefineConfig | int | None = DEFAULT_REFINE_ITERATIONS,
              initial_alignment: str = "auto", initial_transform=None,
              progress: ProgressCallback | None = None, cancel=None) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see the module docstring for the geometry.
@@ -186,7 +188,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     transform or 4x4 LPS matrix mapping fixed points to moving points (overrides the method).
     The returned displacement contains this linear part: x -> A (x + d_net(x)).
     refine: a RefineConfig or a number of iterations of per-pair optimisation after the network
-    (instance optimisation; None or 0 = off).
+    (instance optimisation; default ``refine.DEFAULT_ITERATIONS``; None or 0 = off).
     progress(stage, fraction) is called at each stage; cancel (threading.Event or callable) is
     polled between stages and raises RegistrationCancelled.
     """

@@ -72,6 +72,8 @@ INITIAL_ALIGNMENTS = ("auto", "none", "com", "rigid", "affine")
 #: Attribute of the output transform holding the engine's initial matrix (see createOutputs).
 INITIAL_MATRIX_ATTRIBUTE = "EOIRRegistration.initial_matrix_lps"
 MAX_REFINE_ITERATIONS = 1000
+#: = ``refine.DEFAULT_ITERATIONS`` (this module imports no torch; a test checks they agree).
+DEFAULT_REFINE_ITERATIONS = 10
 #: Refinement similarities of the engine (``refine.SIMILARITIES``): LNCC for one modality,
 #: MIND-SSC descriptors for two.
 REFINE_SIMILARITIES = ("lncc", "mind")
@@ -102,7 +104,8 @@ def _checkCancelled(cancelEvent) -> None:
         raise RegistrationCancelled("registration cancelled")
 
 
-def checkEngineOptions(initialAlignment="auto", refineIterations=0, refineSeconds=0.0,
+def checkEngineOptions(initialAlignment="auto", refineIterations=DEFAULT_REFINE_ITERATIONS,
+                       refineSeconds=0.0,
                        refineSimilarity="lncc"):
     """Validate the initial-alignment and refinement choices (no torch); returns them normalised
     as (method, iterations, seconds, similarity). Raises :class:`InputError` with the reason."""
@@ -446,7 +449,7 @@ class RegistrationLogic:
     @staticmethod
     def runEngine(inputs: RegistrationInputs, model="default", device="auto",
                   workingSpacing=None, intensityWindow=None, initialAlignment="auto",
-                  refineIterations=0, refineSeconds=0.0, refineSimilarity="lncc",
+                  refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0, refineSimilarity="lncc",
                   progressCallback: Callable[[str, float], None] | None = None, cancelEvent=None):
         """Run the engine on prepared inputs (any thread; touches no MRML). Returns the engine's
         ``RegistrationResult``; raises ``RegistrationCancelled`` when ``cancelEvent`` is set.
@@ -606,7 +609,7 @@ class RegistrationLogic:
                         outputTransformNode=None, outputVolumeNode=None,
                         movingSegmentationNode=None, showJacobian=True, showFolding=True,
                         workingSpacing=None, intensityWindow=None, initialAlignment="auto",
-                        refineIterations=0, refineSeconds=0.0, refineSimilarity="lncc",
+                        refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0, refineSimilarity="lncc",
                         progressCallback: Callable[[str, float], None] | None = None,
                         cancelEvent=None) -> RegistrationOutputs:
         """Register the moving volume to the fixed volume (blocking) and return the result nodes
@@ -765,7 +768,7 @@ class ProcessRegistration:
 
     def __init__(self, inputs: RegistrationInputs, pythonExecutable: str | None = None,
                  model="default", device="auto", workingSpacing=None, intensityWindow=None,
-                 initialAlignment="auto", refineIterations=0, refineSeconds=0.0,
+                 initialAlignment="auto", refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0,
                  refineSimilarity="lncc", engine: str | None = None,
                  tempDir: str | None = None):
         if not isinstance(model, (str, os.PathLike)):

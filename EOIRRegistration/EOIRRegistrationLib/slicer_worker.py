@@ -7,8 +7,8 @@ it talks to the panel through files in ``JOBDIR``:
 
 * ``job.json`` (in): file names of the inputs and the engine options (``model``, ``device``,
   ``working_spacing``, ``intensity_window``, ``initial_alignment``, ``refine_iterations``,
-  ``refine_seconds``, ``refine_similarity``; the last four optional: "auto", 0 = off, 0 = no
-  time limit, "lncc");
+  ``refine_seconds``, ``refine_similarity``; the last four optional: "auto", the engine's
+  default number of refinement iterations (0 = off), 0 = no time limit, "lncc");
 * ``fixed.mha``, ``moving.mha`` and optionally ``labels.mha`` (in): LPS images;
 * ``cancel`` (in): created by the panel to ask for a stop (polled between engine stages);
 * ``progress.json`` (out): ``{"stage": str, "fraction": float}``, replaced atomically;
@@ -59,12 +59,12 @@ def _engine(spec: str | None):
 
 
 def _refine(job: dict):
-    """The engine's ``refine`` argument from the job: None when off (torch is not imported for
-    it then), else a ``RefineConfig``."""
-    iterations = int(job.get("refine_iterations") or 0)
+    """The engine's ``refine`` argument from the job: None when off, else a ``RefineConfig``."""
+    from EOIRRegistrationLib.refine import DEFAULT_ITERATIONS, RefineConfig
+
+    iterations = int(job.get("refine_iterations", DEFAULT_ITERATIONS) or 0)
     if iterations <= 0:
         return None
-    from EOIRRegistrationLib.refine import RefineConfig
 
     seconds = float(job.get("refine_seconds") or 0.0)
     return RefineConfig(iterations=iterations, time_budget_s=seconds if seconds > 0 else None,

@@ -36,12 +36,16 @@ def run(argv):
 def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, capsys):
     out = tmp_path / "out"
     code = run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
-                "--moving-labels", files["labels"], "--quiet"])
+                "--moving-labels", files["labels"], "--init", "affine", "--quiet"])
     assert code == 0
     names = {p.name for p in out.iterdir()}
     assert names == {"displacement.nii.gz", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
-                     "warped_labels.nii.gz", "report.json", "overview.png"}
+                     "warped_labels.nii.gz", "affine.tfm", "report.json", "overview.png"}
     report = json.loads((out / "report.json").read_text())
+    affine = sitk.AffineTransform(sitk.ReadTransform(str(out / "affine.tfm")))
+    a = np.asarray(report["initial_matrix_lps"])
+    np.testing.assert_allclose(np.reshape(affine.GetMatrix(), (3, 3)), a[:3, :3], atol=1e-9)
+    np.testing.assert_allclose(affine.GetTranslation(), a[:3, 3], atol=1e-6)
     jac = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
     assert report["model"]["name"] == "tiny" and report["device"] == "cpu"
     assert report["quality"]["jacobian_min"] == pytest.approx(float(jac.min()), rel=1e-5)

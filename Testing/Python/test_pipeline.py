@@ -51,7 +51,7 @@ def test_displacement_applied_by_simpleitk_reproduces_the_warped_image(fixed_mov
 def test_identity_model_gives_identity_outputs(fixed_moving, tmp_path):
     fixed, moving = fixed_moving
     result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0),
-                      initial_alignment="none")
+                      initial_alignment="none", refine=0)
     assert np.all(sitk.GetArrayFromImage(result.displacement) == 0)
     assert np.all(sitk.GetArrayFromImage(result.jacobian) == 1)
     assert result.qa["folding_percent"] == 0 and result.qa["sdlogj"] == 0
@@ -226,7 +226,7 @@ def _rotated_pair(angle_deg=25.0, shift=(12.0, -8.0, 5.0)):
 def test_a_given_linear_transform_is_folded_into_the_displacement(tmp_path):
     fixed, labels, moving, truth = _rotated_pair()
     result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
-                      initial_transform=truth)
+                      initial_transform=truth, refine=0)
     x = _points(fixed)
     expected = np.stack([np.asarray(truth.TransformPoint(tuple(p))) for p in
                          x.reshape(-1, 3)]).reshape(x.shape) - x
@@ -274,7 +274,7 @@ def test_non_linear_initial_transforms_are_refused(fixed_moving, tmp_path):
 def test_affine_start_recovers_a_large_rotation(tmp_path, angle):
     fixed, labels, moving, truth = _rotated_pair(angle)
     result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
-                      initial_alignment="affine")
+                      initial_alignment="affine", refine=0)
     x = _points(fixed)
     inside = sitk.GetArrayFromImage(labels) > 0
     expected = np.stack([np.asarray(truth.TransformPoint(tuple(p))) for p in x[inside]]) - x[inside]
@@ -285,7 +285,7 @@ def test_affine_start_recovers_a_large_rotation(tmp_path, angle):
 def test_auto_alignment_applies_the_affine_only_when_the_inputs_are_misaligned(tmp_path):
     model = tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5))
     fixed, labels, moving, truth = _rotated_pair(25.0)
-    result = register(fixed, moving, model=model)  # the default is "auto"
+    result = register(fixed, moving, model=model, refine=0)  # the default is "auto"
     assert result.initial_alignment == "affine"
     x = _points(fixed)
     inside = sitk.GetArrayFromImage(labels) > 0
@@ -296,7 +296,7 @@ def test_auto_alignment_applies_the_affine_only_when_the_inputs_are_misaligned(t
     resampled = sitk.Resample(fixed, [s + 6 for s in fixed.GetSize()], sitk.Transform(),
                               sitk.sitkLinear, [o - 5 for o in fixed.GetOrigin()],
                               (2.1, 1.9, 2.3), fixed.GetDirection(), 0.0, sitk.sitkFloat32)
-    aligned = register(fixed, resampled, model=model)
+    aligned = register(fixed, resampled, model=model, refine=0)
     assert aligned.initial_alignment == "none"
     assert np.array_equal(aligned.initial_matrix, np.eye(4))
 
@@ -320,3 +320,25 @@ def test_largest_shift_is_the_farthest_corner_of_the_field_of_view():
                for c in np.ndindex(2, 2, 2) for c in [np.array(c) * (np.asarray(grid.size) - 1)]]
     expected = max(np.linalg.norm(rot[:3, :3] @ p - p) for p in corners)
     assert alignment.largest_shift_mm(rot, grid) == pytest.approx(expected)
+
+
+def test_the_coarse_alignment_grid_keeps_the_frame_and_averages_blocks():
+    """Brain-sized fields of view are aligned on a 4 mm grid, small ones on 3 mm; the coarse
+    copy keeps the image's centre and direction, and its values are block averages."""
+    brain = sitk.Image([151, 157, 200], sitk.sitkFloat32)
+    assert alignment.coarse_spacing(brain) == 4.0
+    assert alignment.coarse_spacing(sitk.Image([40, 40, 32], sitk.sitkFloat32)) == 3.0
+    arr = np.zeros((24, 30, 36), np.float32)
+    arr[:, :, ::2] = 1.0  # stripes one voxel wide: a 2-voxel block average is 0.5 everywhere
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((2.0, 1.5, 2.5))
+    image.SetOrigin((3.0, -7.0, 11.0))
+    image.SetDirection(sitk.VersorTransform((0.2, 0.5, 0.3), 0.6).GetMatrix())
+    coarse = alignment._coarse(image, 4.0)
+    assert coarse.GetSpacing() == (4.0, 4.0, 4.0)
+    assert coarse.GetDirection() == pytest.approx(image.GetDirection())
+    centre = lambda im: np.asarray(im.TransformContinuousIndexToPhysicalPoint(
+        [(n - 1) / 2 for n in im.GetSize()]))
+    np.testing.assert_allclose(centre(coarse), centre(image), atol=1e-9)
+    inner = sitk.GetArrayFromImage(coarse)[2:-2, 2:-2, 2:-2]
+    np.testing.assert_allclose(inner, 0.5, atol=1e-6)

@@ -807,10 +807,10 @@ def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_
 
     fixed, moving = volumes
     logic = slicer_logic.RegistrationLogic(scene)
-    # defaults: the engine's own (automatic alignment, no refinement)
+    # defaults: the engine's own (automatic alignment, its default refinement)
     first = logic.registerVolumes(fixed, moving)
     assert fake_engine.calls[-1]["initial_alignment"] == "auto"
-    assert fake_engine.calls[-1]["refine"] is None
+    assert fake_engine.calls[-1]["refine"] == RefineConfig()
     assert first.initialMatrix is None
     assert first.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE) is None
 
@@ -900,12 +900,13 @@ def test_process_registration_passes_alignment_and_refinement(scene, volumes, wo
     np.testing.assert_allclose(slicer_logic.initialMatrixFromAttribute(
         out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)), expected)
 
-    # defaults: automatic alignment, no refinement (torch is not needed for that in the child)
+    # defaults: automatic alignment, the engine's default refinement
     job = slicer_logic.ProcessRegistration(inputs, engine="eoir_fake_engine:register",
                                            tempDir=str(jobs)).start()
     assert job.wait(timeout=120) and job.error is None, job.error
     seen = json.loads(record.read_text())
-    assert seen["initial_alignment"] == "auto" and seen["refine"] is None
+    assert seen["initial_alignment"] == "auto"
+    assert seen["refine"] == ["RefineConfig", slicer_logic.DEFAULT_REFINE_ITERATIONS, None, "lncc"]
     assert job.result.initial_matrix is None
     assert list(jobs.iterdir()) == []
 
@@ -998,7 +999,8 @@ def test_real_engine_affine_alignment_lands_in_slicer(scene, zero_model_file, ro
         fixed = bridge.imageToVolumeNode(fixed_img, scene, f"fixed {method}")
         moving = bridge.imageToVolumeNode(moving_img, scene, f"moving {method}")
         out = slicer_logic.RegistrationLogic(scene).registerVolumes(
-            fixed, moving, model=zero_model_file, device="cpu", initialAlignment=method)
+            fixed, moving, model=zero_model_file, device="cpu", initialAlignment=method,
+            refineIterations=0)
         args, kwargs, result = calls[-1]
         assert kwargs["initial_alignment"] == method and kwargs["refine"] is None
         # the grid transform node holds the engine's displacement, alignment included

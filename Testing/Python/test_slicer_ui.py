@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from EOIRRegistrationLib import slicer_logic
+
 MODULE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
 MODULE_FILE = MODULE_DIR / "EOIRRegistration.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "EOIRRegistration.ui"
@@ -344,14 +346,16 @@ def test_initial_alignment_and_refinement_widgets(ui_tree, widgets, module_ast):
     cls, props = widgets["refineIterationsSpinBox"]
     assert cls == "QSpinBox" and text(props["SlicerParameterName"]) == "refineIterations"
     assert (text(props["minimum"]), text(props["maximum"]), text(props["value"])) == \
-        ("0", "1000", "0")
+        ("0", "1000", str(slicer_logic.DEFAULT_REFINE_ITERATIONS))
     assert text(props["specialValueText"]) == "off"
     assert fields["refineIterations"] == "Annotated[int, WithinRange(0, 1000)]"
     cls, props = widgets["refineSecondsSpinBox"]
     assert cls == "QDoubleSpinBox" and text(props["SlicerParameterName"]) == "refineSeconds"
     assert float(text(props["minimum"])) == 0.0 and float(text(props["value"])) == 0.0
     assert text(props["specialValueText"]) == "no limit"
-    assert "= 0" in source.split("refineIterations: ")[1].splitlines()[0]
+    assert source.split("refineIterations: ")[1].splitlines()[0].endswith(
+        "= DEFAULT_REFINE_ITERATIONS")
+    assert f"DEFAULT_REFINE_ITERATIONS = {slicer_logic.DEFAULT_REFINE_ITERATIONS}\n" in source
     assert "= 0.0" in source.split("refineSeconds: ")[1].splitlines()[0]
 
 
