@@ -11,14 +11,16 @@ Methods, each in a fresh child process limited to --threads threads (OMP/MKL/ITK
 the tools' own thread settings), timed inside the child from reading the inputs to writing the
 outputs (imports excluded), peak memory = the child's Linux VmHWM (imports included):
 
-* ours: ``eoir-register FIXED MOVING --model M --device cpu [--refine N]``, default settings
+* ours: ``eoir-register FIXED MOVING --model M --device cpu --refine N``, default settings
   otherwise (``--init auto``: the affine unless already aligned) (run
   as ``EOIRRegistrationLib.cli.register_main`` in the child, which is what ``eoir-register`` calls)
-  for every model of --models (default: all bundled models), without and with --refine N;
+  for every model of --models (default: all bundled models) and every N of --refine-iterations
+  (default: the engine's default refinement, named "ours:MODEL", and 0, "ours:MODEL (network
+  only)");
 * demons: SimpleITK DiffeomorphicDemonsRegistrationFilter, 3 levels (shrink 4/2/1, 50/50/25
   iterations, field smoothing 1.5 voxels) after an affine pre-alignment computed with OUR
   ``EOIRRegistrationLib.alignment`` module (``optimised_matrix(..., "affine")``, what
-  ``--init affine``/``auto`` use: Mattes MI on 3 mm copies) and histogram matching (256 bins, 7 points, as in bench_pipeline.py);
+  ``--init affine``/``auto`` use: Mattes MI on 4 mm copies) and histogram matching (256 bins, 7 points, as in bench_pipeline.py);
 * elastix (itk-elastix): default "affine" + default "bspline" parameter maps, --threads threads
   (ITK's global default: itk-elastix 0.25.4 segfaults when given number_of_threads=2);
   total field from ``itk.transformix_deformation_field``;
@@ -50,7 +52,7 @@ sees this one's packages and point --peer-python at it:
     /tmp/bench-venv/bin/pip install -r requirements-bench.txt
     python benchmarks/bench_brain.py --peer-python /tmp/bench-venv/bin/python \
         [--data /work/shared/data] [--threads 2] [--pairs 14 15 16] [--misaligned 14] \
-        [--methods ours demons elastix ants] [--models NAME ...] [--refine-iterations 50] \
+        [--methods ours demons elastix ants] [--models NAME ...] [--refine-iterations N ...] \
         [--results results.json] [--plot accuracy_vs_time.png] [--check] [--downsample F] \
         [--work-dir DIR]
 
@@ -83,7 +85,7 @@ CHECK_MIN_AGREEMENT = 0.99
 
 
 # ---------------------------------------------------------------------------------------------
-# Child side: one method, one pair. Writes OUT/displacement.nii.gz (total field, fixed grid, LPS
+# Child side: one method, one pair. Writes OUT/displacement.nii (total field, fixed grid, LPS
 # mm, fixed -> moving, float32 vectors), OUT/warped.nii.gz and OUT/child.json (seconds, peak).
 
 def _peak_kb() -> int:
@@ -171,7 +173,7 @@ def _child_demons(fixed_path, moving_path, out, threads, opts):
     warped = sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(sitk.Image(disp)),
                            sitk.sitkLinear, 0.0)
     sitk.WriteImage(warped, str(out / "warped.nii.gz"))
-    _write_field(disp, out / "displacement.nii.gz")
+    _write_field(disp, out / "displacement.nii")
     seconds = time.perf_counter() - t0
     extra = {"demons_levels": DEMONS_LEVELS}
     if opts.get("check"):
@@ -218,7 +220,7 @@ def _child_elastix(fixed_path, moving_path, out, threads, opts):
         fixed, moving, parameter_object=params, log_to_console=False, output_directory=str(out))
     field = itk.transformix_deformation_field(moving, result)
     itk.imwrite(warped, str(out / "warped.nii.gz"))
-    itk.imwrite(field, str(out / "displacement.nii.gz"))
+    itk.imwrite(field, str(out / "displacement.nii"))
     seconds = time.perf_counter() - t0
     if opts.get("check"):
         labels = itk.imread(opts["moving_labels"], itk.F)
@@ -251,7 +253,7 @@ def _child_ants(fixed_path, moving_path, out, threads, opts):
     # x -> A(x + w(x)). CompositeTransform applies the last transform of its list first.
     disp = _sitk_field(sitk.CompositeTransform([affine, warp]), fixed_s)
     ants.image_write(reg["warpedmovout"], str(out / "warped.nii.gz"))
-    _write_field(disp, out / "displacement.nii.gz")
+    _write_field(disp, out / "displacement.nii")
     seconds = time.perf_counter() - t0
     if opts.get("check"):
         labels = ants.image_read(opts["moving_labels"])
@@ -367,8 +369,8 @@ def check(out: Path, fixed_labels, moving_labels) -> dict:
         return {}
     tool = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(tool_path)))).astype(int)
     res = {}
-    for name in ("displacement", "displacement_reversed"):
-        path = out / f"{name}.nii.gz"
+    for name, path in (("displacement", out / "displacement.nii"),
+                       ("displacement_reversed", out / "displacement_reversed.nii.gz")):
         if not path.exists():
             continue
         disp = sitk.ReadImage(str(path))
@@ -445,6 +447,14 @@ def plot(summary, path):
     plt.close(fig)
 
 
+def _refine_suffix(iterations: int) -> str:
+    """Method-name suffix of our runs: none for the engine's default refinement."""
+    from EOIRRegistrationLib.refine import DEFAULT_ITERATIONS
+    if iterations == DEFAULT_ITERATIONS:
+        return ""
+    return " (network only)" if iterations == 0 else f" refine{iterations}"
+
+
 def _jobs(args):
     """(group, label, options) of every method run requested."""
     jobs = []
@@ -453,10 +463,9 @@ def _jobs(args):
             for model in args.models:
                 name = Path(model).stem if model.endswith(".pt") else model
                 model = str(Path(model).resolve()) if Path(model).is_file() else model
-                jobs.append(("ours", f"ours:{name}", {"model": model, "refine": 0}))
-                if args.refine_iterations > 0:
-                    jobs.append(("ours", f"ours:{name}+refine{args.refine_iterations}",
-                                 {"model": model, "refine": args.refine_iterations}))
+                for n in args.refine_iterations:
+                    jobs.append(("ours", f"ours:{name}" + _refine_suffix(n),
+                                 {"model": model, "refine": n}))
         else:
             jobs.append((method, {"demons": "demons (affine + diffeo demons)",
                                   "elastix": "elastix (affine + bspline)",
@@ -487,8 +496,9 @@ def main(argv=None) -> int:
                     help="methods to (re)run; none: only print the tables (and plot) of --results")
     ap.add_argument("--models", nargs="+", default=None,
                     help="bundled model names or model files (default: all bundled models)")
-    ap.add_argument("--refine-iterations", type=int, default=50,
-                    help="also run our models with --refine N (0: only without)")
+    ap.add_argument("--refine-iterations", type=int, nargs="+", default=None,
+                    help="run our models with each --refine N (default: the engine's default, "
+                         "named ours:MODEL, and 0, named 'ours:MODEL (network only)')")
     ap.add_argument("--results", help="JSON file of rows: loaded, updated, saved")
     ap.add_argument("--plot", help="PNG: mean Dice vs mean seconds per method")
     ap.add_argument("--check", action="store_true",
@@ -521,6 +531,9 @@ def main(argv=None) -> int:
     if args.models is None:
         from EOIRRegistrationLib.modelfile import list_bundled_models
         args.models = [m.name for m in list_bundled_models()]
+    if args.refine_iterations is None:
+        from EOIRRegistrationLib.refine import DEFAULT_ITERATIONS
+        args.refine_iterations = [DEFAULT_ITERATIONS, 0]
 
     import SimpleITK as sitk
     import torch
@@ -575,7 +588,7 @@ def main(argv=None) -> int:
                 row = {"method": label, "group": group, "pair": pair, **common,
                        "seconds": res.pop("seconds"), "peak_gb": res.pop("peak_gb"),
                        "process_seconds": res.pop("process_seconds"), "extra": res,
-                       **score(fixed_labels, moving_labels, out / "displacement.nii.gz")}
+                       **score(fixed_labels, moving_labels, out / "displacement.nii")}
                 if args.check:
                     row["check"] = check(out, fixed_labels, moving_labels)
                     row["checked_timing"] = True

@@ -37,7 +37,7 @@ field = demons.Execute(fixed, moving)
 tx = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 warped = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0)
 sitk.WriteImage(warped, sys.argv[3] + "/warped.nii.gz")
-sitk.WriteImage(tx.GetDisplacementField(), sys.argv[3] + "/displacement.nii.gz")
+sitk.WriteImage(tx.GetDisplacementField(), sys.argv[3] + "/displacement.nii")
 print(time.perf_counter() - t0)
 """
 
@@ -90,7 +90,7 @@ def score(out: Path, paths) -> dict:
 
     from EOIRRegistrationLib import metrics
     from EOIRRegistrationLib.phantom import displacement_error_mm
-    disp = sitk.ReadImage(str(out / "displacement.nii.gz"))
+    disp = sitk.ReadImage(str(out / "displacement.nii"))
     err = displacement_error_mm(disp, sitk.ReadImage(str(paths["true_displacement"])),
                                 sitk.ReadImage(str(paths["fixed_labels"])))
     fl = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["fixed_labels"]))).astype(int)

@@ -29,6 +29,26 @@ DEFAULT_REGULARIZATION = {"lncc": 0.5, "mind": 0.2}
 DEFAULT_ITERATIONS = 10
 
 
+class Adam:
+    """Adam (Kingma & Ba) for one tensor, as ``torch.optim.Adam`` with default betas and eps.
+    Written out because the first ``torch.optim`` step imports ``torch._dynamo``: a one-off
+    second, as long as the whole default refinement."""
+
+    def __init__(self, param: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.param, self.betas, self.eps, self.t = param, betas, eps, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+
+    @torch.no_grad()
+    def step(self, lr: float):
+        b1, b2 = self.betas
+        self.t += 1
+        g = self.param.grad
+        self.m.mul_(b1).add_(g, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (self.v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-lr / (1 - b1 ** self.t))
+
+
 @dataclass
 class RefineConfig:
     iterations: int = DEFAULT_ITERATIONS
@@ -37,7 +57,7 @@ class RefineConfig:
     regularization_weight: float | None = None  # None: DEFAULT_REGULARIZATION[similarity]
     window: int = 7                  # LNCC box window, working-grid voxels
     downsample: int = 2              # velocity grid = working grid / this (1 = full)
-    integration_steps: int = 7
+    integration_steps: int = 5       # 2^5 scaling: residual velocities stay within a few voxels
     time_budget_s: float | None = None  # stop early when exceeded
 
 
@@ -56,7 +76,7 @@ def refine_displacement(fixed: torch.Tensor, moving: torch.Tensor,
         initial = fixed.new_zeros(1, 3, *shape)
     coarse = [max(2, s // cfg.downsample) for s in shape]
     v = torch.zeros(1, 3, *coarse, dtype=fixed.dtype, device=fixed.device, requires_grad=True)
-    opt = torch.optim.Adam([v], lr=cfg.learning_rate)
+    opt = Adam(v)
     initial = initial.detach()
     with torch.no_grad():
         # Smooth images once so LNCC gradients reach a few voxels.
@@ -77,17 +97,16 @@ def refine_displacement(fixed: torch.Tensor, moving: torch.Tensor,
                                            shape)
 
     for it in range(cfg.iterations):
-        for group in opt.param_groups:  # cosine decay to 10 %: early steps move, late ones settle
-            group["lr"] = cfg.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * it / cfg.iterations)))
         if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
             break
         if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
             break
         warped = spatial.warp(moving_s, residual(v))
         loss = similarity(warped) + reg_weight * losses.diffusion_loss(v)
-        opt.zero_grad(set_to_none=True)
+        v.grad = None
         loss.backward()
-        opt.step()
+        # cosine decay to 10 %: the early steps move, the late ones settle
+        opt.step(cfg.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * it / cfg.iterations))))
         if progress is not None and it % 10 == 0:
             progress(it / cfg.iterations)
     with torch.no_grad():

@@ -39,7 +39,7 @@ def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, c
                 "--moving-labels", files["labels"], "--init", "affine", "--quiet"])
     assert code == 0
     names = {p.name for p in out.iterdir()}
-    assert names == {"displacement.nii.gz", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
+    assert names == {"displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
                      "warped_labels.nii.gz", "affine.tfm", "report.json", "overview.png"}
     report = json.loads((out / "report.json").read_text())
     affine = sitk.AffineTransform(sitk.ReadTransform(str(out / "affine.tfm")))
@@ -56,7 +56,7 @@ def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, c
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert "folding" in capsys.readouterr().out
     # The displacement file is a transform SimpleITK applies to reproduce warped.nii.gz.
-    field = sitk.Cast(sitk.ReadImage(str(out / "displacement.nii.gz")), sitk.sitkVectorFloat64)
+    field = sitk.Cast(sitk.ReadImage(str(out / "displacement.nii")), sitk.sitkVectorFloat64)
     fixed, moving = sitk.ReadImage(files["fixed"]), sitk.ReadImage(files["moving"])
     ref = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(
         field), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
@@ -75,7 +75,7 @@ def test_existing_output_is_kept_without_overwrite(files, tmp_path, capsys):
     assert run([files["fixed"], files["moving"], "--output-dir", out, "--model",
                 files["model"], "--quiet", "--overwrite", "--no-png"]) == 0
     assert (out / "keep.txt").read_text() == "user data"
-    assert (out / "displacement.nii.gz").exists()
+    assert (out / "displacement.nii").exists()
 
 
 def _bad_inputs(tmp_path, files):
@@ -128,7 +128,7 @@ def test_module_entry_point_runs_register_and_models(files, tmp_path):
                            files["moving"], "--output-dir", str(out), "--model", files["model"],
                            "--no-png"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "displacement.nii.gz").exists()
+    assert (out / "displacement.nii").exists()
     assert "[100.0%]" in proc.stderr  # progress lines
     proc = subprocess.run([sys.executable, "-m", "EOIRRegistrationLib", "nonsense"],
                           capture_output=True, text=True, env=env, timeout=120)

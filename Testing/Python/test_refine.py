@@ -103,3 +103,22 @@ def test_every_front_end_uses_the_engines_default_refinement():
         refine.DEFAULT_ITERATIONS
     assert slicer_worker._refine({}).iterations == refine.DEFAULT_ITERATIONS
     assert slicer_worker._refine({"refine_iterations": 0}) is None
+
+
+def test_the_written_out_adam_matches_torch_optim_adam():
+    from EOIRRegistrationLib.refine import Adam
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 3, 4, generator=g)
+    ours = torch.zeros(2, 3, 4, requires_grad=True)
+    ref = torch.zeros(2, 3, 4, requires_grad=True)
+    opt_ours, opt_ref = Adam(ours), torch.optim.Adam([ref], lr=0.1)
+    for lr in (0.1, 0.3, 0.05, 0.2, 0.1):
+        for p in (ours, ref):
+            p.grad = None
+            ((p - target) ** 4).sum().backward()
+        opt_ours.step(lr)
+        opt_ref.param_groups[0]["lr"] = lr
+        opt_ref.step()
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+    assert (ours - target).abs().mean() < target.abs().mean()  # it did move towards the target
