@@ -6,7 +6,7 @@ resident set (Linux VmHWM). Pairs are synthetic phantoms (1 mm, known deformatio
 128^3 and 160x192x224. Prints a table; asserts nothing.
 
     python benchmarks/bench_pipeline.py [--threads 2] [--sizes 128,128,128 160,192,224]
-        [--models default ...] [--refine 0] [--no-demons]
+        [--models default ...] [--refine N] [--no-demons]
 """
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def main(argv=None) -> int:
                     help="array shapes k,j,i (the second default is 160x192x224 in x,y,z)")
     ap.add_argument("--models", nargs="+", default=["default"],
                     help="bundled model names or model files, each run on every pair")
-    ap.add_argument("--refine", type=int, default=0)
+    ap.add_argument("--refine", type=int, default=None,
+                    help="--refine N for our models (default: eoir-register's own default)")
     ap.add_argument("--no-demons", action="store_true")
     args = ap.parse_args(argv)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs visible, {args.threads} threads "
@@ -127,8 +128,9 @@ def main(argv=None) -> int:
             for model in args.models:
                 out = tmp / f"eoir-{len(rows)}"
                 argv = ["register", paths["fixed"], paths["moving"], "--output-dir", out,
-                        "--model", model, "--threads", args.threads, "--no-png", "--quiet",
-                        "--refine", args.refine]
+                        "--model", model, "--threads", args.threads, "--no-png", "--quiet"]
+                if args.refine is not None:
+                    argv += ["--refine", args.refine]
                 wall, peak = run_child("module", "EOIRRegistrationLib", argv, args.threads)
                 report = json.loads((out / "report.json").read_text())
                 rows.append({"method": report["model"]["name"], "size": shape, "wall": wall,

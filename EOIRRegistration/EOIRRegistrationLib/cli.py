@@ -374,7 +374,7 @@ def models_main(argv=None) -> int:
 def demo_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m EOIRRegistrationLib demo", description=(
         "Generate the bundled phantom pair (known deformation), register it with the default "
-        "model and report how well the true displacement is recovered."))
+        "model and settings and report how well the true displacement is recovered."))
     p.add_argument("--output-dir", default="eoir-demo-output")
     p.add_argument("--model", default="default")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -399,7 +399,8 @@ def demo_main(argv=None) -> int:
             output_dir=args.output_dir, model=args.model, device=args.device,
             moving_labels=str(sample / "moving_labels.nii.gz"),
             fixed_labels=str(sample / "fixed_labels.nii.gz"), working_spacing=None,
-            refine=0, refine_seconds=None, init="auto", initial_transform=None,
+            refine=DEFAULT_REFINE_ITERATIONS, refine_seconds=None, init="auto",
+            initial_transform=None,
             threads=args.threads, no_png=False, overwrite=True, quiet=False)
         report = run_registration(reg_args)
         predicted = sitk.ReadImage(str(Path(args.output_dir) / "displacement.nii"))
