@@ -5,7 +5,12 @@ Pairs (``brain_pairs.py``, deterministic): fixed = the real skull-stripped T1
 numbers) cropped to the brain's bounding box + 10 mm (151 x 157 x 200 voxels, 1 mm); moving =
 "T1-like" images rendered from the held-out SynthSeg label maps 14, 15, 16 (one intensity per
 label = the real T1's mean in that label, skull-stripped, 0.5 mm blur, noise, fixed seeds), plus
-map 14 with a 20 degree rotation and a 15 mm shift written into its header ("seg14-misaligned").
+map 14 with a 20 degree rotation and a 15 mm shift written into its header ("seg14-misaligned"),
+and, when the MNI152 2009a template is at hand (``--template-dir``, or nilearn installed in the
+environment running this script: it ships the files), the template T1 as a moving image
+("mni152": real intensities on both sides, scored on grey and white matter only, in a table of
+its own; see brain_pairs.py). Without nilearn: ``pip download nilearn --no-deps`` and unzip
+``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz`` into a folder.
 
 Methods, each in a fresh child process limited to --threads threads (OMP/MKL/ITK variables and
 the tools' own thread settings), timed inside the child from reading the inputs to writing the
@@ -327,8 +332,9 @@ def structures_of(fixed_labels_arr, moving_labels_arr) -> list[int]:
             if v in have_f and v in have_m and v not in EXCLUDED_STRUCTURES]
 
 
-def score(fixed_labels, moving_labels, disp_path) -> dict:
-    """Dice/HD95 (structures_of), folding and SDlogJ of one total field (None = identity)."""
+def score(fixed_labels, moving_labels, disp_path, values=None) -> dict:
+    """Dice/HD95 over ``values`` (default: structures_of), folding and SDlogJ of one total field
+    (None = identity)."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -344,7 +350,8 @@ def score(fixed_labels, moving_labels, disp_path) -> dict:
             raise RuntimeError(f"{disp_path}: displacement is not on the fixed grid ({g} vs {f})")
         disp.CopyInformation(fixed_labels)
     wl = _warp_labels(moving_labels, fixed_labels, disp)
-    values = structures_of(fl, sitk.GetArrayFromImage(moving_labels))
+    if values is None:
+        values = structures_of(fl, sitk.GetArrayFromImage(moving_labels))
     dice = metrics.dice(fl, wl, values=values)
     hd = {v: metrics.hd95(fl, wl, v, geometry.Grid.from_image(fixed_labels)) for v in values}
     if disp is None:
@@ -507,6 +514,10 @@ def main(argv=None) -> int:
                     help="resample the pairs to F mm (development; default 1 = native)")
     ap.add_argument("--work-dir", help="folder for pairs and outputs (default: a temp folder, "
                                        "deleted at the end)")
+    ap.add_argument("--template-dir", default="auto",
+                    help="folder with the MNI152 files of brain_pairs.TEMPLATE_FILES for the "
+                         "template pair (auto: nilearn's copy if nilearn is installed; none: "
+                         "no template pair)")
     ap.add_argument("--peer-python", default=sys.executable,
                     help="python with antspyx / itk-elastix for the elastix and ants children")
     args = ap.parse_args(argv)
@@ -563,17 +574,26 @@ def main(argv=None) -> int:
         print(f"fixed grid {'x'.join(map(str, info['fixed_size']))} voxels "
               f"(1 mm crop: {'x'.join(map(str, info['fixed_size_1mm']))}); pairs "
               f"{', '.join(info['pairs'])}")
-        fixed, fixed_labels = info["fixed"], _read_labels(info["fixed_labels"])
+        template_dir = (brain_pairs.template_dir_of_nilearn() if args.template_dir == "auto"
+                        else None if args.template_dir == "none" else Path(args.template_dir))
+        if template_dir is not None:
+            info["pairs"]["mni152"] = brain_pairs.make_template_pair(
+                data, template_dir, work / f"pairs-{ds:g}mm", downsample=ds)
+        else:
+            print("no template pair (nilearn not installed and no --template-dir)")
+        fixed = info["fixed"]
         common = {"downsample": ds, "threads": args.threads,
                   "fixed_size": info["fixed_size"], "date": time.strftime("%Y-%m-%d %H:%M"),
                   "engine": _engine_version()}
         check_failures = []
         for pair, paths in info["pairs"].items():
             moving_labels = _read_labels(paths["moving_labels"])
+            fixed_labels = _read_labels(paths.get("fixed_labels", info["fixed_labels"]))
+            values = paths.get("label_values")  # None: the standard structures
             if not any(row_key(r) == ("identity", pair, ds) for r in rows):
                 put({"method": "identity", "group": "identity", "pair": pair, **common,
                      "seconds": math.nan, "peak_gb": math.nan,
-                     **score(fixed_labels, moving_labels, None)})
+                     **score(fixed_labels, moving_labels, None, values)})
             for group, label, opts in _jobs(args):
                 out = work / "runs" / f"{pair}-{ds:g}mm" / label.replace(":", "_")
                 python = args.peer_python if group in ("elastix", "ants") else sys.executable
@@ -588,7 +608,7 @@ def main(argv=None) -> int:
                 row = {"method": label, "group": group, "pair": pair, **common,
                        "seconds": res.pop("seconds"), "peak_gb": res.pop("peak_gb"),
                        "process_seconds": res.pop("process_seconds"), "extra": res,
-                       **score(fixed_labels, moving_labels, out / "displacement.nii")}
+                       **score(fixed_labels, moving_labels, out / "displacement.nii", values)}
                 if args.check:
                     row["check"] = check(out, fixed_labels, moving_labels)
                     row["checked_timing"] = True
@@ -606,11 +626,18 @@ def main(argv=None) -> int:
         for pair in info["pairs"]:
             print_table([r for r in current if r["pair"] == pair], f"pair {pair} "
                         f"(fixed real T1 {'x'.join(map(str, info['fixed_size']))}, {ds:g} mm)")
-        n = sorted({r["n_structures"] for r in current})
-        summary = summarise(current)
-        print_table(summary, f"summary: mean over {len(info['pairs'])} pairs ({args.threads} "
-                             f"threads; Dice/HD95 over {'/'.join(map(str, n))} structures: the "
-                             "standard 30 less 24 and those absent from a label map)")
+        tissue = {p for p, v in info["pairs"].items() if v.get("scoring") == "tissue"}
+        structure_rows = [r for r in current if r["pair"] not in tissue]
+        n = sorted({r["n_structures"] for r in structure_rows})
+        summary = summarise(structure_rows)
+        print_table(summary, f"summary: mean over {len(info['pairs']) - len(tissue)} label-map "
+                             f"pairs ({args.threads} threads; Dice/HD95 over "
+                             f"{'/'.join(map(str, n))} structures: the standard 30 less 24 and "
+                             "those absent from a label map)")
+        for pair in sorted(tissue):
+            print_table([r for r in current if r["pair"] == pair],
+                        f"template pair {pair}: Dice/HD95 over grey and white matter only "
+                        "(not comparable with the structure Dice above)")
         if args.plot:
             plot(summary, args.plot)
             print(f"plot: {args.plot}")

@@ -13,6 +13,13 @@
 * **Misaligned** variant: the same voxels with a 20 degree rotation about an oblique axis through
   the image centre and a 15 mm shift written into the header (origin and direction only).
 
+* **Template** pair ("mni152", optional): the moving image is the real MNI152 2009a T1 template
+  (an average of real T1 scans, brain-masked; the files nilearn ships, see ``TEMPLATE_FILES``)
+  cropped to its brain + 10 mm. It has no structure labels, only grey- and white-matter
+  probability maps, so it is scored on two tissue classes (``TISSUE_GM``/``TISSUE_WM``): template
+  voxels whose larger probability exceeds 0.5, against the subject's segmentation grouped into
+  the same classes (``tissue_of_aseg``). Coarse, but real intensities on both sides.
+
 Everything is a pure function of the data folder and the arguments (fixed seeds), so re-running
 gives identical files. Data never leaves the work folder given to ``make_pairs``.
 """
@@ -47,6 +54,73 @@ CLASS_CSF = (4, 43, 5, 44, 14, 15, 31, 63, 72)
 # The skull strip of the real T1 kept a CSF/dura rim that is unlabelled (0) in its segmentation,
 # so label 24 is rendered with the mean of the real T1 over (label 24 or unlabelled) & (T1 > 0).
 EXTRA_CEREBRAL_CSF = 24
+
+
+# Tissue classes of the template pair (label values of the tissue maps).
+TISSUE_GM, TISSUE_WM = 1, 2
+TISSUE_NAMES = {TISSUE_GM: "grey matter", TISSUE_WM: "white matter"}
+# aseg labels per tissue class as the template's probability maps draw them: cortex, cerebellar
+# cortex and the deep grey nuclei are grey; cerebral and cerebellar white matter, brain stem,
+# ventral DC and pallidum (bright in T1) are white. Ventricles and CSF are neither.
+ASEG_GM = (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 17, 53, 18, 54, 26, 58)
+ASEG_WM = (2, 41, 7, 46, 16, 28, 60, 13, 52)
+TEMPLATE_FILES = {"t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+                  "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+                  "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
+
+
+def tissue_of_aseg(aseg: np.ndarray) -> np.ndarray:
+    """aseg numbers -> TISSUE_GM / TISSUE_WM / 0 (``ASEG_GM``, ``ASEG_WM``), int16."""
+    out = np.zeros(np.shape(aseg), np.int16)
+    out[np.isin(aseg, ASEG_GM)] = TISSUE_GM
+    out[np.isin(aseg, ASEG_WM)] = TISSUE_WM
+    return out
+
+
+def tissue_of_probabilities(gm: np.ndarray, wm: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Tissue map of probability maps (in [0, 1]): the likelier class where it exceeds
+    ``threshold`` (grey on ties), 0 elsewhere; int16."""
+    gm, wm = np.asarray(gm, float), np.asarray(wm, float)
+    out = np.zeros(gm.shape, np.int16)
+    out[(gm >= wm) & (gm > threshold)] = TISSUE_GM
+    out[(wm > gm) & (wm > threshold)] = TISSUE_WM
+    return out
+
+
+def template_dir_of_nilearn():
+    """Folder of nilearn's bundled MNI152 files, or None when nilearn is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    return folder if all((folder / f).exists() for f in TEMPLATE_FILES.values()) else None
+
+
+def make_template_pair(data_dir, template_dir, out_dir, downsample: float = 1.0) -> dict:
+    """Write the template pair (see the module docstring) to ``out_dir``; returns ``{"moving",
+    "moving_labels", "fixed_labels", "label_values", "scoring": "tissue"}`` (paths)."""
+    data_dir, template_dir, out_dir = Path(data_dir), Path(template_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t1_img = sitk.ReadImage(str(data_dir / T1_PATH), sitk.sitkFloat32)
+    seg_img = sitk.ReadImage(str(data_dir / SEG_PATH))
+    start, size = crop_to_mask(t1_img, sitk.GetArrayFromImage(t1_img) > 0)  # as make_pairs
+    tissue = sitk.GetImageFromArray(tissue_of_aseg(aseg_of_subject(sitk.GetArrayFromImage(seg_img))))
+    tissue.CopyInformation(seg_img)
+    tissue = sitk.RegionOfInterest(tissue, size, start)
+    images = {k: sitk.ReadImage(str(template_dir / f), sitk.sitkFloat32)
+              for k, f in TEMPLATE_FILES.items()}
+    probs = {k: sitk.GetArrayFromImage(images[k]) / 255.0 for k in ("gm", "wm")}  # uint8 maps
+    labels = sitk.GetImageFromArray(tissue_of_probabilities(probs["gm"], probs["wm"]))
+    labels.CopyInformation(images["t1"])
+    start_m, size_m = crop_to_mask(images["t1"], sitk.GetArrayFromImage(images["t1"]) > 0)
+    return {"moving": _write(sitk.RegionOfInterest(images["t1"], size_m, start_m),
+                             out_dir / "mni152_moving.nii.gz", downsample, False),
+            "moving_labels": _write(sitk.RegionOfInterest(labels, size_m, start_m),
+                                    out_dir / "mni152_moving_labels.nii.gz", downsample, True),
+            "fixed_labels": _write(tissue, out_dir / "fixed_tissue.nii.gz", downsample, True),
+            "label_values": [TISSUE_GM, TISSUE_WM], "scoring": "tissue"}
 
 
 def aseg_of_subject(seg: np.ndarray) -> np.ndarray:

@@ -101,3 +101,62 @@ def test_crop_to_mask_adds_the_margin_in_mm():
     mask[20:25, 15:18, 10:12] = True
     start, size = bp.crop_to_mask(img, mask, margin_mm=4.0)
     assert start == [6, 13, 16] and size == [10, 7, 13]
+
+
+def test_tissue_classes_of_the_subject_and_of_probability_maps():
+    aseg = np.array([[0, 2, 3, 4, 17, 13, 24, 42, 41, 16]])
+    np.testing.assert_array_equal(bp.tissue_of_aseg(aseg),
+                                  [[0, 2, 1, 0, 1, 2, 0, 1, 2, 2]])
+    gm = np.array([0.9, 0.5, 0.6, 0.3, 0.0, 0.55])
+    wm = np.array([0.1, 0.5, 0.4, 0.7, 0.2, 0.55])
+    # likelier class above 0.5; grey on ties above 0.5; nothing at or below 0.5
+    np.testing.assert_array_equal(bp.tissue_of_probabilities(gm, wm), [1, 0, 1, 2, 0, 1])
+
+
+def test_template_pair_files_keep_the_geometry_and_the_tissue_classes(tmp_path):
+    """A tiny stand-in data folder and template (RAS, like nilearn's files): the pair's fixed
+    tissue map lies on the cropped fixed grid, the template is cropped to its brain, and its
+    labels follow its probability maps."""
+    data, templ = tmp_path / "data", tmp_path / "template"
+    (data / "real_t1_freesurfer").mkdir(parents=True)
+    templ.mkdir()
+    t1 = np.zeros((30, 32, 34), np.float32)
+    t1[5:25, 6:26, 7:27] = 80.0
+    seg = np.zeros(t1.shape, np.int32)
+    seg[5:25, 6:26, 7:27] = 2
+    seg[5:25, 6:26, 7:12] = 1012  # a cortical parcel -> cortex -> grey matter
+    for name, arr in ((bp.T1_PATH, t1), (bp.SEG_PATH, seg)):
+        img = sitk.GetImageFromArray(arr)
+        img.SetDirection((-1, 0, 0, 0, 0, -1, 0, 1, 0))  # LIA, like FreeSurfer's conformed space
+        sitk.WriteImage(img, str(data / name))
+    shape = (28, 30, 26)
+    t1_t = np.zeros(shape, np.uint8)
+    t1_t[4:24, 5:25, 3:23] = 120
+    gm = np.zeros(shape, np.uint8)
+    gm[4:24, 5:25, 3:10] = 200
+    wm = np.zeros(shape, np.uint8)
+    wm[4:24, 5:25, 10:23] = 220
+    for key, arr in (("t1", t1_t), ("gm", gm), ("wm", wm)):
+        img = sitk.GetImageFromArray(arr)
+        img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # RAS
+        img.SetOrigin((14.0, 15.0, -13.0))
+        sitk.WriteImage(img, str(templ / bp.TEMPLATE_FILES[key]))
+    pair = bp.make_template_pair(data, templ, tmp_path / "out")
+    assert pair["scoring"] == "tissue" and pair["label_values"] == [bp.TISSUE_GM, bp.TISSUE_WM]
+    fixed_tissue = sitk.ReadImage(pair["fixed_labels"])
+    t1_img = sitk.ReadImage(str(data / bp.T1_PATH))
+    start, size = bp.crop_to_mask(t1_img, t1 > 0)
+    assert list(fixed_tissue.GetSize()) == size
+    assert fixed_tissue.GetOrigin() == pytest.approx(t1_img.TransformIndexToPhysicalPoint(start))
+    ft = sitk.GetArrayFromImage(fixed_tissue)
+    assert set(np.unique(ft)) == {0, bp.TISSUE_GM, bp.TISSUE_WM}
+    moving = sitk.ReadImage(pair["moving"])
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(pair["moving_labels"]))
+    m = sitk.GetArrayFromImage(moving)
+    assert moving.GetDirection() == (-1, 0, 0, 0, -1, 0, 0, 0, 1)
+    # cropped to the template's brain plus the 10 mm margin, clipped to the image: all of it here
+    assert m.shape == shape and (m > 0).sum() == (t1_t > 0).sum()
+    assert moving.GetOrigin() == pytest.approx((14.0, 15.0, -13.0))
+    assert np.all(labels[m == 0] == 0)
+    assert (labels == bp.TISSUE_GM).sum() == (gm > 127).sum()
+    assert (labels == bp.TISSUE_WM).sum() == (wm > 127).sum()
