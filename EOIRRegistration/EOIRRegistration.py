@@ -89,7 +89,7 @@ its card the kind of images it was trained on, the working spacing (volumes are 
 internally; the result is always on the fixed volume's own grid) and how intensities are
 normalised. Use <i>Advanced</i> to override the spacing, give intensity windows (e.g. CT in HU)
 or tune the per-pair refinement that follows the network (<i>Refine iterations</i>: 10 by
-default, about a second on a CPU; 0 = the network alone; <i>Refine similarity</i> MIND-SSC for
+default, about 1.5 s for a brain on a CPU; 0 = the network alone; <i>Refine similarity</i> MIND-SSC for
 two modalities).
 </p>
 <p><b>Outputs:</b> a grid (displacement-field) transform, by default a new one named after the
