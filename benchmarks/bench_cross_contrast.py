@@ -4,7 +4,8 @@ The fixed image is the phantom of ``phantom.make_phantom_pair`` (64^3 at 1.5 mm,
 deformation, no rotation); the moving image gets one random intensity per label (seeded) and a
 0.8 mm blur, so the two inputs share anatomy but not contrast. Each pair is registered without
 initial alignment by the network alone, with the default LNCC refinement and with MIND-SSC
-refinement (10 and 50 steps); prints the mean label Dice of each. Needs no data; asserts nothing.
+refinement (10 and 50 steps), and by the MIND-SSC refinement alone (``network=False``, the CLI's
+``--no-network``); prints the mean label Dice of each. Needs no data; asserts nothing.
 
     python benchmarks/bench_cross_contrast.py [--model default] [--seeds 1 2 3] [--threads 2]
 """
@@ -43,23 +44,26 @@ def main(argv=None) -> int:
     mean_dice = lambda warped: float(np.nanmean(list(metrics.dice(fl, warped, values).values())))  # noqa: E731
     identity = mean_dice(sitk.GetArrayFromImage(sitk.Resample(
         pair.moving_labels, pair.fixed, sitk.Transform(), sitk.sitkNearestNeighbor)))
-    runs = {"network only": 0, "network + LNCC refinement (default, 10)": None,
-            "network + MIND-SSC refinement 10": RefineConfig(similarity="mind"),
-            "network + MIND-SSC refinement 50": RefineConfig(iterations=50, similarity="mind")}
+    runs = {"network only": (True, 0), "network + LNCC refinement (default, 10)": (True, None),
+            "network + MIND-SSC refinement 10": (True, RefineConfig(similarity="mind")),
+            "network + MIND-SSC refinement 50": (True, RefineConfig(iterations=50,
+                                                                    similarity="mind")),
+            "MIND-SSC refinement 50 alone (--no-network)": (False, RefineConfig(
+                iterations=50, similarity="mind"))}
     results = {name: [] for name in runs}
     for seed in args.seeds:
         lut = np.random.default_rng(seed).random(int(ml.max()) + 1) * 1000
         moving = sitk.GetImageFromArray(lut[ml].astype(np.float32))
         moving.CopyInformation(pair.moving)
         moving = sitk.SmoothingRecursiveGaussian(moving, 0.8)
-        for name, refine in runs.items():
+        for name, (network, refine) in runs.items():
             kwargs = {} if refine is None else {"refine": refine}
             r = register(pair.fixed, moving, model=model, moving_labels=pair.moving_labels,
-                         initial_alignment="none", **kwargs)
+                         initial_alignment="none", network=network, **kwargs)
             results[name].append(mean_dice(sitk.GetArrayFromImage(r.warped_labels)))
     print(f"model {model.name}; contrast seeds {args.seeds}; label Dice before: {identity:.3f}")
     for name, dice in results.items():
-        print(f"  {name:<42} mean {np.mean(dice):.3f}  ({', '.join(f'{d:.3f}' for d in dice)})")
+        print(f"  {name:<44} mean {np.mean(dice):.3f}  ({', '.join(f'{d:.3f}' for d in dice)})")
     return 0
 
 

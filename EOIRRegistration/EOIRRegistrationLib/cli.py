@@ -136,6 +136,11 @@ def _register_parser() -> argparse.ArgumentParser:
                    help="per-pair optimisation iterations after the network (default "
                         f"{DEFAULT_REFINE_ITERATIONS}: about 1.5 s for a brain on 2 CPU threads; "
                         "0 = off)")
+    p.add_argument("--no-network", action="store_true",
+                   help="skip the network: the refinement alone, from the initial alignment "
+                        "(needs --refine > 0); for two modalities, where the bundled "
+                        "single-contrast models mislead: --no-network --refine 50 "
+                        "--refine-similarity mind")
     p.add_argument("--refine-seconds", type=float, default=None,
                    help="time budget for --refine (stops early when exceeded)")
     p.add_argument("--refine-similarity", choices=["lncc", "mind"], default="lncc",
@@ -247,7 +252,8 @@ def run_registration(args, extra_report: dict | None = None, inputs: dict | None
     result = register(fixed, moving, model=loaded, device=args.device,
                       moving_labels=moving_labels, working_spacing=args.working_spacing,
                       refine=refine, initial_alignment=getattr(args, "init", "auto"),
-                      initial_transform=initial, progress=_stderr_progress(args.quiet))
+                      initial_transform=initial, network=not getattr(args, "no_network", False),
+                      progress=_stderr_progress(args.quiet))
     report = {
         "eoir_registration_version": __version__,
         "model": {"name": loaded.name, "path": loaded.path,
@@ -261,6 +267,7 @@ def run_registration(args, extra_report: dict | None = None, inputs: dict | None
                          "spacing_mm": list(result.working_grid.spacing)},
         "displacement_convention": "LPS mm on the fixed grid; fixed point x maps to moving "
                                    "point x + d(x) (ITK resampling direction)",
+        "network": result.network,
         "initial_alignment": result.initial_alignment,
         "initial_matrix_lps": result.initial_matrix.tolist(),
         "quality": result.qa,

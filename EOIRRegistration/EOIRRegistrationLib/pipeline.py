@@ -52,6 +52,7 @@ class RegistrationResult:
     working_grid: geometry.Grid | None = None
     initial_matrix: np.ndarray | None = None  # 4x4 LPS, fixed point -> moving point (included)
     initial_alignment: str = "none"  # method that produced it ("auto" resolved; "given")
+    network: bool = True            # False: the refinement alone (register(network=False))
 
 
 def check_image(image, role: str, labels: bool = False) -> sitk.Image:
@@ -176,7 +177,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
              moving_labels: sitk.Image | None = None, working_spacing=None,
              intensity_window=None,
              refine: RefineConfig | int | None = DEFAULT_REFINE_ITERATIONS,
-             initial_alignment: str = "auto", initial_transform=None,
+             initial_alignment: str = "auto", initial_transform=None, network: bool = True,
              progress: ProgressCallback | None = None, cancel=None) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see the module docstring for the geometry.
 
@@ -189,10 +190,18 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     The returned displacement contains this linear part: x -> A (x + d_net(x)).
     refine: a RefineConfig or a number of iterations of per-pair optimisation after the network
     (instance optimisation; default ``refine.DEFAULT_ITERATIONS``; None or 0 = off).
+    network=False skips the network: the refinement alone, from the initial alignment (the
+    model still sets the working grid and the normalisation); for two modalities, where the
+    bundled single-contrast models mislead, with MIND-SSC refinement. Needs refine > 0.
     progress(stage, fraction) is called at each stage; cancel (threading.Event or callable) is
     polled between stages and raises RegistrationCancelled.
     """
     stages = _Stages(progress, cancel)
+    if isinstance(refine, int):
+        refine = RefineConfig(iterations=refine) if refine > 0 else None
+    if not network and (refine is None or refine.iterations <= 0):
+        raise InputError("without the network the refinement is the whole registration: give "
+                         "it iterations (e.g. 50)")
     check_image(fixed, "fixed image")
     check_image(moving, "moving image")
     if moving_labels is not None:
@@ -224,10 +233,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     fixed_w, moving_w = tensors
     del fixed_t
 
-    stages.start("registering")
-    u, dev = _network_with_fallback(loaded, fixed_w, moving_w, dev, str(device), stages)
-    if isinstance(refine, int):
-        refine = RefineConfig(iterations=refine) if refine > 0 else None
+    if network:
+        stages.start("registering")
+        u, dev = _network_with_fallback(loaded, fixed_w, moving_w, dev, str(device), stages)
+    else:
+        u = fixed_w.new_zeros(1, 3, *fixed_w.shape[2:])
+        dev = fixed_w.device  # where the refinement runs
     if refine is not None and refine.iterations > 0:
         stages.start("refining")
         span = (STAGES.index("refining") / len(STAGES), 1 / len(STAGES))
@@ -272,7 +283,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
         jacobian=geometry.tensor_to_image(det, fixed_grid),
         folding=geometry.tensor_to_image((det <= 0).to(torch.uint8), fixed_grid, sitk.sitkUInt8),
         warped_labels=warped_labels, qa=qa, model_name=loaded.name, device=str(dev),
-        working_grid=wgrid, initial_matrix=a, initial_alignment=alignment_used)
+        working_grid=wgrid, initial_matrix=a, initial_alignment=alignment_used, network=network)
     stages.done()
     result.timings = dict(stages.timings)
     return result

@@ -166,3 +166,17 @@ def test_refinement_with_mind_runs_from_the_command_line(files, tmp_path):
                 "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["initial_alignment"] == "none" and "refining" in report["seconds"]
+
+
+def test_no_network_runs_the_refinement_alone_and_needs_it(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
+                "--no-network", "--refine", "0", "--quiet", "--no-png"]) == 2
+    assert "refinement is the whole registration" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+    assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
+                "--no-network", "--refine", "3", "--refine-similarity", "mind", "--quiet",
+                "--no-png"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["network"] is False and "registering" not in report["seconds"]
+    assert report["seconds"]["refining"] >= 0
