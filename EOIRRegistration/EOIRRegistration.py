@@ -90,7 +90,8 @@ internally; the result is always on the fixed volume's own grid) and how intensi
 normalised. Use <i>Advanced</i> to override the spacing, give intensity windows (e.g. CT in HU)
 or tune the per-pair refinement that follows the network (<i>Refine iterations</i>: 10 by
 default, about 1.5 s for a brain on a CPU; 0 = the network alone; <i>Refine similarity</i> MIND-SSC for
-two modalities).
+two modalities). The bundled models were trained on one contrast: for two modalities uncheck
+<i>Use the network</i> and let the refinement alone register (e.g. 50 iterations, MIND-SSC).
 </p>
 <p><b>Outputs:</b> a grid (displacement-field) transform, by default a new one named after the
 volumes, with the moving volume placed under it so it shows aligned at once; it stores the
@@ -134,6 +135,7 @@ class EOIRRegistrationParameterNode:
     refineIterations - per-pair refinement after the network, 0 = off.
     refineSeconds - time budget of the refinement, 0 = no limit.
     refineSimilarity - "lncc" (same modality) or "mind" (MIND-SSC, two modalities).
+    useNetwork - False: the refinement alone registers (needs refineIterations > 0).
     """
 
     fixedVolume: vtkMRMLScalarVolumeNode
@@ -155,6 +157,7 @@ class EOIRRegistrationParameterNode:
     refineIterations: Annotated[int, WithinRange(0, 1000)] = DEFAULT_REFINE_ITERATIONS
     refineSeconds: Annotated[float, WithinRange(0.0, 3600.0)] = 0.0
     refineSimilarity: Annotated[str, Choice(["lncc", "mind"])] = "lncc"
+    useNetwork: bool = True
 
 
 #
@@ -435,7 +438,8 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             workingSpacing=p.workingSpacing if p.workingSpacing > 0 else None,
             intensityWindow=self._intensityWindow(), initialAlignment=p.initialAlignment,
             refineIterations=p.refineIterations, refineSeconds=p.refineSeconds,
-            refineSimilarity=p.refineSimilarity, tempDir=slicer.app.temporaryPath)
+            refineSimilarity=p.refineSimilarity, useNetwork=p.useNetwork,
+            tempDir=slicer.app.temporaryPath)
         job.start()
         self._job, self._jobInputs = job, inputs
         self._jobOptions = dict(outputTransformNode=p.outputTransform,
@@ -556,13 +560,14 @@ class EOIRRegistrationLogic(ScriptedLoadableModuleLogic):
                         movingSegmentationNode=None, showJacobian=True, showFolding=True,
                         workingSpacing=None, intensityWindow=None, initialAlignment="auto",
                         refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0, refineSimilarity="lncc",
-                        progressCallback=None, cancelEvent=None):
+                        useNetwork=True, progressCallback=None, cancelEvent=None):
         """Register (blocking, in this process) and return the result nodes and QA figures
         (``RegistrationOutputs``: transformNode, jacobianVolumeNode, foldingVolumeNode,
         warpedVolumeNode, warpedSegmentationNode, qa, timings, modelName, device,
         initialMatrix). ``initialAlignment``: "auto" (default), "none", "com", "rigid" or "affine";
         ``refineIterations``: 0 = no refinement; ``refineSeconds``: 0 = no time limit;
-        ``refineSimilarity``: "lncc" (default) or "mind" (two modalities).
+        ``refineSimilarity``: "lncc" (default) or "mind" (two modalities); ``useNetwork``: False
+        = the refinement alone (needs refineIterations > 0).
         See ``RegistrationLogic.registerVolumes`` for the parameters."""
         return self.registrationLogic.registerVolumes(
             fixedVolumeNode, movingVolumeNode, model=model, device=device,
@@ -571,8 +576,8 @@ class EOIRRegistrationLogic(ScriptedLoadableModuleLogic):
             showFolding=showFolding, workingSpacing=workingSpacing,
             intensityWindow=intensityWindow, initialAlignment=initialAlignment,
             refineIterations=refineIterations, refineSeconds=refineSeconds,
-            refineSimilarity=refineSimilarity, progressCallback=progressCallback,
-            cancelEvent=cancelEvent)
+            refineSimilarity=refineSimilarity, useNetwork=useNetwork,
+            progressCallback=progressCallback, cancelEvent=cancelEvent)
 
 
 #

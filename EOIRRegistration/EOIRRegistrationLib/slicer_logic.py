@@ -105,10 +105,10 @@ def _checkCancelled(cancelEvent) -> None:
 
 
 def checkEngineOptions(initialAlignment="auto", refineIterations=DEFAULT_REFINE_ITERATIONS,
-                       refineSeconds=0.0,
-                       refineSimilarity="lncc"):
-    """Validate the initial-alignment and refinement choices (no torch); returns them normalised
-    as (method, iterations, seconds, similarity). Raises :class:`InputError` with the reason."""
+                       refineSeconds=0.0, refineSimilarity="lncc", useNetwork=True):
+    """Validate the initial-alignment, refinement and network choices (no torch); returns them
+    normalised as (method, iterations, seconds, similarity, network). Raises
+    :class:`InputError` with the reason."""
     method = str(initialAlignment or "auto").lower()
     if method not in INITIAL_ALIGNMENTS:
         raise InputError(f"unknown initial alignment {initialAlignment!r}; choose one of "
@@ -128,7 +128,11 @@ def checkEngineOptions(initialAlignment="auto", refineIterations=DEFAULT_REFINE_
     if similarity not in REFINE_SIMILARITIES:
         raise InputError(f"unknown refinement similarity {refineSimilarity!r}; choose one of "
                          f"{', '.join(REFINE_SIMILARITIES)}")
-    return method, iterations, seconds, similarity
+    network = bool(useNetwork)
+    if not network and iterations == 0:
+        raise InputError("without the network the refinement is the whole registration: give "
+                         "it iterations (e.g. 50)")
+    return method, iterations, seconds, similarity, network
 
 
 def _refineConfig(iterations: int, seconds: float, similarity: str = "lncc"):
@@ -450,13 +454,14 @@ class RegistrationLogic:
     def runEngine(inputs: RegistrationInputs, model="default", device="auto",
                   workingSpacing=None, intensityWindow=None, initialAlignment="auto",
                   refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0, refineSimilarity="lncc",
+                  useNetwork=True,
                   progressCallback: Callable[[str, float], None] | None = None, cancelEvent=None):
         """Run the engine on prepared inputs (any thread; touches no MRML). Returns the engine's
         ``RegistrationResult``; raises ``RegistrationCancelled`` when ``cancelEvent`` is set.
-        ``initialAlignment``, ``refineIterations``, ``refineSeconds`` and ``refineSimilarity``:
-        see :meth:`registerVolumes`."""
-        method, iterations, seconds, similarity = checkEngineOptions(
-            initialAlignment, refineIterations, refineSeconds, refineSimilarity)
+        ``initialAlignment``, ``refineIterations``, ``refineSeconds``, ``refineSimilarity`` and
+        ``useNetwork``: see :meth:`registerVolumes`."""
+        method, iterations, seconds, similarity, network = checkEngineOptions(
+            initialAlignment, refineIterations, refineSeconds, refineSimilarity, useNetwork)
         _checkCancelled(cancelEvent)
         register = _engineRegister()
 
@@ -471,7 +476,7 @@ class RegistrationLogic:
                         moving_labels=inputs.movingLabels, working_spacing=workingSpacing,
                         intensity_window=intensityWindow,
                         refine=_refineConfig(iterations, seconds, similarity),
-                        initial_alignment=method,
+                        initial_alignment=method, network=network,
                         progress=progress, cancel=cancelEvent)
 
     # -- step 3 -------------------------------------------------------------------------------
@@ -610,6 +615,7 @@ class RegistrationLogic:
                         movingSegmentationNode=None, showJacobian=True, showFolding=True,
                         workingSpacing=None, intensityWindow=None, initialAlignment="auto",
                         refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0, refineSimilarity="lncc",
+                        useNetwork=True,
                         progressCallback: Callable[[str, float], None] | None = None,
                         cancelEvent=None) -> RegistrationOutputs:
         """Register the moving volume to the fixed volume (blocking) and return the result nodes
@@ -639,13 +645,16 @@ class RegistrationLogic:
         :param refineSeconds: time budget of the refinement in seconds, 0 = no limit.
         :param refineSimilarity: "lncc" (same modality, default) or "mind" (MIND-SSC
             descriptors, for two modalities such as T1 and T2 or MR and CT).
+        :param useNetwork: False skips the network: the refinement alone registers, from the
+            initial alignment (needs refineIterations > 0; with the bundled single-contrast
+            models the better choice for two modalities, with refineSimilarity "mind").
         :param progressCallback: ``f(stage: str, fraction: float)``, fraction of the whole run.
         :param cancelEvent: ``threading.Event`` (or callable returning bool) to stop the run;
             raises ``RegistrationCancelled`` and leaves the scene as it was.
         """
         started = time.perf_counter()
         checkEngineOptions(initialAlignment, refineIterations, refineSeconds,
-                           refineSimilarity)  # before any work
+                           refineSimilarity, useNetwork)  # before any work
         if progressCallback is not None:
             progressCallback("reading volumes", 0.0)
         inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode,
@@ -656,7 +665,7 @@ class RegistrationLogic:
                                 intensityWindow=intensityWindow,
                                 initialAlignment=initialAlignment,
                                 refineIterations=refineIterations, refineSeconds=refineSeconds,
-                                refineSimilarity=refineSimilarity,
+                                refineSimilarity=refineSimilarity, useNetwork=useNetwork,
                                 progressCallback=progressCallback, cancelEvent=cancelEvent)
         outputs = self.createOutputs(inputs, result, outputTransformNode=outputTransformNode,
                                      outputVolumeNode=outputVolumeNode, showJacobian=showJacobian,
@@ -769,7 +778,7 @@ class ProcessRegistration:
     def __init__(self, inputs: RegistrationInputs, pythonExecutable: str | None = None,
                  model="default", device="auto", workingSpacing=None, intensityWindow=None,
                  initialAlignment="auto", refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0,
-                 refineSimilarity="lncc", engine: str | None = None,
+                 refineSimilarity="lncc", useNetwork=True, engine: str | None = None,
                  tempDir: str | None = None):
         if not isinstance(model, (str, os.PathLike)):
             raise InputError("a model object cannot be sent to the registration process; give a "
@@ -778,13 +787,13 @@ class ProcessRegistration:
         self.pythonExecutable = pythonExecutable or sys.executable
         if workingSpacing is not None and not isinstance(workingSpacing, (list, tuple)):
             workingSpacing = (float(workingSpacing),) * 3
-        method, iterations, seconds, similarity = checkEngineOptions(
-            initialAlignment, refineIterations, refineSeconds, refineSimilarity)
+        method, iterations, seconds, similarity, network = checkEngineOptions(
+            initialAlignment, refineIterations, refineSeconds, refineSimilarity, useNetwork)
         self._job = {"model": str(model), "device": str(device),
                      "working_spacing": list(workingSpacing) if workingSpacing else None,
                      "intensity_window": intensityWindow, "initial_alignment": method,
                      "refine_iterations": iterations, "refine_seconds": seconds,
-                     "refine_similarity": similarity,
+                     "refine_similarity": similarity, "use_network": network,
                      "engine": engine}
         self._tempDir = tempDir
         self.jobDir: Path | None = None

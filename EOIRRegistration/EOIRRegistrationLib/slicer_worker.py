@@ -7,8 +7,9 @@ it talks to the panel through files in ``JOBDIR``:
 
 * ``job.json`` (in): file names of the inputs and the engine options (``model``, ``device``,
   ``working_spacing``, ``intensity_window``, ``initial_alignment``, ``refine_iterations``,
-  ``refine_seconds``, ``refine_similarity``; the last four optional: "auto", the engine's
-  default number of refinement iterations (0 = off), 0 = no time limit, "lncc");
+  ``refine_seconds``, ``refine_similarity``, ``use_network``; the last five optional: "auto",
+  the engine's default number of refinement iterations (0 = off), 0 = no time limit, "lncc",
+  true);
 * ``fixed.mha``, ``moving.mha`` and optionally ``labels.mha`` (in): LPS images;
 * ``cancel`` (in): created by the panel to ask for a stop (polled between engine stages);
 * ``progress.json`` (out): ``{"stage": str, "fraction": float}``, replaced atomically;
@@ -100,6 +101,7 @@ def run(jobDir: str | os.PathLike) -> int:
                           working_spacing=tuple(spacing) if spacing else None,
                           intensity_window=window, refine=_refine(job),
                           initial_alignment=str(job.get("initial_alignment") or "auto"),
+                          network=bool(job.get("use_network", True)),
                           progress=progress, cancel=cancelled)
         for name in OUTPUT_IMAGES:
             image = getattr(result, name, None)

@@ -89,12 +89,13 @@ class FakeEngine:
 
     def __call__(self, fixed, moving, model="default", device="auto", moving_labels=None,
                  working_spacing=None, intensity_window=None, refine=None,
-                 initial_alignment="auto", initial_transform=None, progress=None, cancel=None):
+                 initial_alignment="auto", initial_transform=None, network=True, progress=None,
+                 cancel=None):
         self.calls.append(dict(fixed=fixed, moving=moving, model=model, device=device,
                                moving_labels=moving_labels, working_spacing=working_spacing,
                                intensity_window=intensity_window, refine=refine,
                                initial_alignment=initial_alignment,
-                               initial_transform=initial_transform))
+                               initial_transform=initial_transform, network=network))
         for stage, fraction in self.stages:
             if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
                 raise RegistrationCancelled("cancelled")
@@ -502,12 +503,12 @@ import SimpleITK as sitk
 
 def register(fixed, moving, model="default", device="auto", moving_labels=None,
              working_spacing=None, intensity_window=None, refine=None, initial_alignment="auto",
-             initial_transform=None, progress=None, cancel=None):
+             initial_transform=None, network=True, progress=None, cancel=None):
     record = os.environ.get("EOIR_FAKE_RECORD")
     if record:
         import json
         with open(record, "w") as f:
-            json.dump({"initial_alignment": initial_alignment,
+            json.dump({"initial_alignment": initial_alignment, "network": network,
                        "refine": None if refine is None else [type(refine).__name__,
                                                               refine.iterations,
                                                               refine.time_budget_s,
@@ -850,9 +851,18 @@ def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_
     assert job.wait(timeout=30) and job.error is None, job.error
     assert fake_engine.calls[-1]["initial_alignment"] == "com"
     assert fake_engine.calls[-1]["refine"].iterations == 7
+    assert fake_engine.calls[-1]["network"] is True  # the default
+
+    # the refinement alone (no network), e.g. for two modalities
+    logic.registerVolumes(fixed, moving, useNetwork=False, refineIterations=40,
+                          refineSimilarity="mind", outputTransformNode=first.transformNode)
+    call = fake_engine.calls[-1]
+    assert call["network"] is False and call["refine"].iterations == 40
+    assert call["refine"].similarity == "mind"
 
 
 @pytest.mark.parametrize("options, message", [
+    (dict(useNetwork=False, refineIterations=0), "refinement is the whole registration"),
     (dict(initialAlignment="similarity"), "unknown initial alignment"),
     (dict(refineIterations=-1), "refine iterations"),
     (dict(refineIterations=1001), "refine iterations"),
@@ -891,7 +901,7 @@ def test_process_registration_passes_alignment_and_refinement(scene, volumes, wo
                                            tempDir=str(jobs)).start()
     assert job.wait(timeout=120) and job.error is None, job.error
     seen = json.loads(record.read_text())
-    assert seen["initial_alignment"] == "affine"
+    assert seen["initial_alignment"] == "affine" and seen["network"] is True
     assert seen["refine"] == ["RefineConfig", 7, 2.0, "mind"]
     expected = np.array([[1.0, 0, 0, 1.5], [0, 1.0, 0, -2.5], [0, 0, 1.0, 0.25], [0, 0, 0, 1]])
     np.testing.assert_array_equal(job.result.initial_matrix, expected)
@@ -908,6 +918,14 @@ def test_process_registration_passes_alignment_and_refinement(scene, volumes, wo
     assert seen["initial_alignment"] == "auto"
     assert seen["refine"] == ["RefineConfig", slicer_logic.DEFAULT_REFINE_ITERATIONS, None, "lncc"]
     assert job.result.initial_matrix is None
+
+    # without the network: the worker passes it on
+    job = slicer_logic.ProcessRegistration(inputs, engine="eoir_fake_engine:register",
+                                           useNetwork=False, refineIterations=30,
+                                           tempDir=str(jobs)).start()
+    assert job.wait(timeout=120) and job.error is None, job.error
+    seen = json.loads(record.read_text())
+    assert seen["network"] is False and seen["refine"][1] == 30
     assert list(jobs.iterdir()) == []
 
 

@@ -357,6 +357,12 @@ def test_initial_alignment_and_refinement_widgets(ui_tree, widgets, module_ast):
         "= DEFAULT_REFINE_ITERATIONS")
     assert f"DEFAULT_REFINE_ITERATIONS = {slicer_logic.DEFAULT_REFINE_ITERATIONS}\n" in source
     assert "= 0.0" in source.split("refineSeconds: ")[1].splitlines()[0]
+    # Advanced: the network on/off check box (on by default, like the engine)
+    assert "useNetworkCheckBox" in advanced
+    cls, props = widgets["useNetworkCheckBox"]
+    assert cls == "QCheckBox" and text(props["SlicerParameterName"]) == "useNetwork"
+    assert text(props["checked"]) == "true" and fields["useNetwork"] == "bool"
+    assert source.split("useNetwork: ")[1].splitlines()[0] == "bool = True"
 
 
 def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_application,
@@ -390,14 +396,14 @@ def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_ap
         outputVolume=None, model="default", device="cpu", workingSpacing=0.0,
         useIntensityWindow=False, showJacobian=True, showFolding=False,
         initialAlignment="affine", refineIterations=40, refineSeconds=12.5,
-        refineSimilarity="mind")
+        refineSimilarity="mind", useNetwork=False)
     widget._setRunning = lambda running: None
     widget._timer = types.SimpleNamespace(start=lambda: None)
     widget._startRegistration()
     (job,) = started
     assert job.kwargs["initialAlignment"] == "affine"
     assert job.kwargs["refineIterations"] == 40 and job.kwargs["refineSeconds"] == 12.5
-    assert job.kwargs["refineSimilarity"] == "mind"
+    assert job.kwargs["refineSimilarity"] == "mind" and job.kwargs["useNetwork"] is False
     assert job.inputs.movingVolumeNode is moving
 
     calls = []
@@ -410,7 +416,7 @@ def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_ap
     with pytest.raises(RuntimeError, match="stop here"):
         module.EOIRRegistrationLogic().registerVolumes(fixed, moving, initialAlignment="com",
                                                        refineIterations=5, refineSeconds=2.0,
-                                                       refineSimilarity="mind")
-    assert calls[0]["initial_alignment"] == "com"
+                                                       refineSimilarity="mind", useNetwork=False)
+    assert calls[0]["initial_alignment"] == "com" and calls[0]["network"] is False
     assert calls[0]["refine"].iterations == 5 and calls[0]["refine"].time_budget_s == 2.0
     assert calls[0]["refine"].similarity == "mind"
