@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from .errors import EOIRError
+from .models import ARCHITECTURES
 
 # = refine.DEFAULT_ITERATIONS (repeated so that --help does not import torch; a test checks it).
 DEFAULT_REFINE_ITERATIONS = 10
-from .models import ARCHITECTURES
 
 
 def _train_parser() -> argparse.ArgumentParser:

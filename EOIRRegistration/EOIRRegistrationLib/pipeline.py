@@ -150,27 +150,28 @@ def run_network(loaded: LoadedModel, fixed: torch.Tensor, moving: torch.Tensor,
     return u.float().cpu()
 
 
-def _network_with_fallback(loaded, fixed, moving, device, requested: str, stages):
+def _with_cpu_fallback(run, device, requested: str, stages, stage: str, shape):
+    """``run(device)`` and the device it ran on; when a GPU runs out of memory and ``requested``
+    is "auto", ``run`` again on the CPU; other out-of-memory cases are clear DeviceErrors."""
     try:
-        return run_network(loaded, fixed, moving, device), device
+        return run(device), device
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
         if device.type != "cuda":
             raise DeviceError(
-                f"the computer ran out of memory registering a {tuple(fixed.shape[2:])} working "
-                "grid; close other programs or use a coarser working spacing") from exc
+                f"the computer ran out of memory {stage} a {tuple(shape)} working grid; close "
+                "other programs or use a coarser working spacing") from exc
         torch.cuda.empty_cache()
-        need = 4 * fixed.numel() * 60 / 2 ** 30
         if requested != "auto":
             raise DeviceError(
-                f"the GPU ran out of memory registering a {tuple(fixed.shape[2:])} working grid "
-                f"(roughly {need:.1f} GiB needed); use device 'cpu' or 'auto' (falls back to "
-                "the CPU), or a coarser working spacing") from exc
+                f"the GPU ran out of memory {stage} a {tuple(shape)} working grid; use device "
+                "'cpu' or 'auto' (falls back to the CPU), or a coarser working spacing") from exc
         if stages.progress:
-            stages.progress("registering (GPU out of memory: retrying on the CPU)", 0.4)
+            stages.progress(f"{stage} (GPU out of memory: retrying on the CPU)",
+                            STAGES.index(stage) / len(STAGES))
         cpu = torch.device("cpu")
-        return run_network(loaded, fixed.cpu(), moving.cpu(), cpu), cpu
+        return run(cpu), cpu
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str = "auto",
@@ -233,18 +234,24 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     fixed_w, moving_w = tensors
     del fixed_t
 
+    shape = fixed_w.shape[2:]
     if network:
         stages.start("registering")
-        u, dev = _network_with_fallback(loaded, fixed_w, moving_w, dev, str(device), stages)
+        u, dev = _with_cpu_fallback(lambda d: run_network(loaded, fixed_w, moving_w, d), dev,
+                                    str(device), stages, "registering", shape)
     else:
-        u = fixed_w.new_zeros(1, 3, *fixed_w.shape[2:])
-        dev = fixed_w.device  # where the refinement runs
+        u = fixed_w.new_zeros(1, 3, *shape)
     if refine is not None and refine.iterations > 0:
         stages.start("refining")
         span = (STAGES.index("refining") / len(STAGES), 1 / len(STAGES))
         on_step = (lambda f: progress("refining", span[0] + f * span[1])) if progress else None
-        with torch.enable_grad():
-            u = refine_displacement(fixed_w, moving_w, u, refine, progress=on_step, cancel=cancel)
+
+        def run_refinement(d):  # on the network's device; the result comes back to the CPU
+            with torch.enable_grad():
+                return refine_displacement(fixed_w.to(d), moving_w.to(d), u.to(d), refine,
+                                           progress=on_step, cancel=cancel).cpu()
+
+        u, dev = _with_cpu_fallback(run_refinement, dev, str(device), stages, "refining", shape)
         if _cancelled(cancel):
             raise RegistrationCancelled("registration cancelled while refining")
     del fixed_w, moving_w

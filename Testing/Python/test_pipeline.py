@@ -367,3 +367,26 @@ def test_without_the_network_the_refinement_alone_registers_from_the_start(tmp_p
     assert "registering" not in alone.timings and "refining" in alone.timings
     with pytest.raises(InputError, match="refinement is the whole registration"):
         register(pair.fixed, pair.moving, model=zero_model, refine=0, network=False)
+
+
+def test_the_refinement_falls_back_to_the_cpu_like_the_network():
+    """One fallback rule for both GPU stages: with "auto" an out-of-memory GPU run is repeated
+    on the CPU (and reported); with "cuda" it is a clear error naming the stage."""
+    devices, messages = [], []
+
+    def run(device):
+        devices.append(device.type)
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return "done"
+
+    stages = pipeline_module._Stages(lambda stage, f: messages.append(stage), None)
+    cuda = torch.device("cuda")
+    import unittest.mock as mock
+    with mock.patch.object(torch.cuda, "empty_cache", lambda: None):
+        out, dev = pipeline_module._with_cpu_fallback(run, cuda, "auto", stages, "refining",
+                                                      (8, 8, 8))
+        assert (out, dev.type, devices) == ("done", "cpu", ["cuda", "cpu"])
+        assert messages == ["refining (GPU out of memory: retrying on the CPU)"]
+        with pytest.raises(DeviceError, match="GPU ran out of memory refining a \\(8, 8, 8\\)"):
+            pipeline_module._with_cpu_fallback(run, cuda, "cuda", stages, "refining", (8, 8, 8))
