@@ -34,8 +34,9 @@ except ImportError:  # pragma: no cover - older layouts
     vtkMRMLSegmentationNode = slicer.vtkMRMLSegmentationNode
 
 LOAD_MODEL_FILE = "__load_model_file__"
-#: the engine's default refinement (``refine.DEFAULT_ITERATIONS``; a test checks they agree)
-DEFAULT_REFINE_ITERATIONS = 10
+#: refineIterations value meaning "the engine's default" (10 steps after the network, 30 without;
+#: ``refine.DEFAULT_ITERATIONS[_ALONE]``); shown as "default" in the panel
+DEFAULT_REFINE_ITERATIONS = -1
 DEVICE_LABELS = {"auto": "Auto (GPU if available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
 #: initial alignment choices (the engine's method names) and their labels in the panel
 INITIAL_ALIGNMENT_LABELS = {
@@ -47,11 +48,13 @@ INITIAL_ALIGNMENT_LABELS = {
 }
 #: refinement similarities (the engine's names) and their labels in the panel
 REFINE_SIMILARITY_LABELS = {
-    "lncc": "LNCC (same modality)",
-    "mind": "MIND-SSC (two modalities)",
+    "auto": "Follow the contrast",
+    "lncc": "LNCC (same contrast)",
+    "mind": "MIND-SSC (two contrasts)",
 }
 REFINE_SIMILARITY_TIPS = {
-    "lncc": "Local normalised cross-correlation: for two volumes of the same modality.",
+    "auto": "LNCC when the volumes share one contrast, MIND-SSC when they do not.",
+    "lncc": "Local normalised cross-correlation: for two volumes of the same contrast.",
     "mind": "Modality-independent neighbourhood descriptors (MIND-SSC): for T1 and T2, MR and CT.",
 }
 INITIAL_ALIGNMENT_TIPS = {
@@ -61,6 +64,20 @@ INITIAL_ALIGNMENT_TIPS = {
     "com": "Translate so the intensity centres of mass coincide.",
     "rigid": "Rotation and translation maximising mutual information (a few seconds).",
     "affine": "Rigid, then a full affine map maximising mutual information (a few seconds).",
+}
+#: contrast choices (the engine's names) and their labels in the panel
+CONTRAST_LABELS = {
+    "auto": "Automatic (from the volumes)",
+    "same": "Same contrast",
+    "different": "Different contrasts (e.g. T1 and T2)",
+}
+CONTRAST_TIPS = {
+    "auto": "Decide from the volumes' intensity correlation after the initial alignment; the "
+            "result line says which was used.",
+    "same": "One contrast (e.g. two T1 scans): the model's network, then LNCC refinement "
+            "(a few seconds).",
+    "different": "Two contrasts (T1 and T2, MR and CT): the bundled models are single-contrast, "
+                 "so the MIND-SSC refinement alone registers (about 15 s for a brain on a CPU).",
 }
 
 
@@ -88,10 +105,13 @@ transform of the moving volume is used as the starting point. Each bundled model
 its card the kind of images it was trained on, the working spacing (volumes are resampled to it
 internally; the result is always on the fixed volume's own grid) and how intensities are
 normalised. Use <i>Advanced</i> to override the spacing, give intensity windows (e.g. CT in HU)
-or tune the per-pair refinement that follows the network (<i>Refine iterations</i>: 10 by
-default, about 1.5 s for a brain on a CPU; 0 = the network alone; <i>Refine similarity</i> MIND-SSC for
-two modalities). The bundled models were trained on one contrast: for two modalities uncheck
-<i>Use the network</i> and let the refinement alone register (e.g. 50 iterations, MIND-SSC).
+or tune the per-pair refinement that follows the network (<i>Refine iterations</i>: by
+default 10 after the network, about 1.5 s for a brain on a CPU; 0 = the network alone).
+The bundled models were trained on one contrast. <i>Contrasts</i> (Advanced) says whether the
+two volumes share one: <i>Automatic</i> (the default) decides from their intensity correlation
+after the initial alignment; for different contrasts (T1 and T2, MR and CT) the network is
+skipped and a MIND-SSC refinement alone registers (30 steps, about 15 s for a brain). The
+status line after a run says which path ran.
 </p>
 <p><b>Outputs:</b> a grid (displacement-field) transform, by default a new one named after the
 volumes, with the moving volume placed under it so it shows aligned at once; it stores the
@@ -132,10 +152,12 @@ class EOIRRegistrationParameterNode:
     useIntensityWindow and the four window bounds - optional intensity windows.
     initialAlignment - "auto", "none", "com", "rigid" or "affine": linear alignment before the
         network ("auto": affine unless the volumes are already aligned).
-    refineIterations - per-pair refinement after the network, 0 = off.
+    contrast - "auto" (decided from the volumes), "same" (the network, then LNCC refinement)
+        or "different" (two contrasts such as T1 and T2: the MIND-SSC refinement alone).
+    refineIterations - per-pair refinement steps, -1 = the default (10 after the network, 30
+        without it), 0 = off.
     refineSeconds - time budget of the refinement, 0 = no limit.
-    refineSimilarity - "lncc" (same modality) or "mind" (MIND-SSC, two modalities).
-    useNetwork - False: the refinement alone registers (needs refineIterations > 0).
+    refineSimilarity - "auto" (follows the contrast), "lncc" or "mind" (MIND-SSC).
     """
 
     fixedVolume: vtkMRMLScalarVolumeNode
@@ -154,10 +176,10 @@ class EOIRRegistrationParameterNode:
     movingWindowMin: float = 0.0
     movingWindowMax: float = 1000.0
     initialAlignment: Annotated[str, Choice(["auto", "none", "com", "rigid", "affine"])] = "auto"
-    refineIterations: Annotated[int, WithinRange(0, 1000)] = DEFAULT_REFINE_ITERATIONS
+    contrast: Annotated[str, Choice(["auto", "same", "different"])] = "auto"
+    refineIterations: Annotated[int, WithinRange(-1, 1000)] = DEFAULT_REFINE_ITERATIONS
     refineSeconds: Annotated[float, WithinRange(0.0, 3600.0)] = 0.0
-    refineSimilarity: Annotated[str, Choice(["lncc", "mind"])] = "lncc"
-    useNetwork: bool = True
+    refineSimilarity: Annotated[str, Choice(["auto", "lncc", "mind"])] = "auto"
 
 
 #
@@ -354,14 +376,15 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         box with the engine's names, in this order, and reads it by index)."""
         for combo, labels, tips in (
                 (self.ui.initialAlignmentComboBox, INITIAL_ALIGNMENT_LABELS, INITIAL_ALIGNMENT_TIPS),
-                (self.ui.refineSimilarityComboBox, REFINE_SIMILARITY_LABELS, REFINE_SIMILARITY_TIPS)):
+                (self.ui.refineSimilarityComboBox, REFINE_SIMILARITY_LABELS, REFINE_SIMILARITY_TIPS),
+                (self.ui.contrastComboBox, CONTRAST_LABELS, CONTRAST_TIPS)):
             for index, value in enumerate(labels):
                 if index < combo.count:
                     combo.setItemText(index, labels[value])
                     combo.setItemData(index, tips[value], qt.Qt.ToolTipRole)
 
     def _updateRefineWidgets(self, *args):
-        enabled = int(self.ui.refineIterationsSpinBox.value) > 0
+        enabled = int(self.ui.refineIterationsSpinBox.value) != 0
         self.ui.refineSecondsSpinBox.enabled = enabled
         self.ui.refineSimilarityComboBox.enabled = enabled
 
@@ -438,7 +461,7 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             workingSpacing=p.workingSpacing if p.workingSpacing > 0 else None,
             intensityWindow=self._intensityWindow(), initialAlignment=p.initialAlignment,
             refineIterations=p.refineIterations, refineSeconds=p.refineSeconds,
-            refineSimilarity=p.refineSimilarity, useNetwork=p.useNetwork,
+            refineSimilarity=p.refineSimilarity, contrast=p.contrast,
             tempDir=slicer.app.temporaryPath)
         job.start()
         self._job, self._jobInputs = job, inputs
@@ -515,7 +538,8 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                 f"{qa.get('jacobian_max', float('nan')):.3f}")
         self.ui.runValueLabel.text = f"{outputs.modelName or 'model'} on {outputs.device or '?'}, {seconds:.1f} s"
         self.ui.statusLabel.text = (f"Done: '{outputs.transformNode.GetName()}' holds the result; "
-                                    f"the moving volume is shown through it.")
+                                    f"the moving volume is shown through it. "
+                                    f"{outputs.method.capitalize()}.")
 
 
 #
@@ -559,15 +583,16 @@ class EOIRRegistrationLogic(ScriptedLoadableModuleLogic):
                         outputTransformNode=None, outputVolumeNode=None,
                         movingSegmentationNode=None, showJacobian=True, showFolding=True,
                         workingSpacing=None, intensityWindow=None, initialAlignment="auto",
-                        refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0, refineSimilarity="lncc",
-                        useNetwork=True, progressCallback=None, cancelEvent=None):
+                        refineIterations=None, refineSeconds=0.0, refineSimilarity=None,
+                        useNetwork=None, contrast="auto", progressCallback=None, cancelEvent=None):
         """Register (blocking, in this process) and return the result nodes and QA figures
         (``RegistrationOutputs``: transformNode, jacobianVolumeNode, foldingVolumeNode,
         warpedVolumeNode, warpedSegmentationNode, qa, timings, modelName, device,
-        initialMatrix). ``initialAlignment``: "auto" (default), "none", "com", "rigid" or "affine";
-        ``refineIterations``: 0 = no refinement; ``refineSeconds``: 0 = no time limit;
-        ``refineSimilarity``: "lncc" (default) or "mind" (two modalities); ``useNetwork``: False
-        = the refinement alone (needs refineIterations > 0).
+        initialMatrix, method). ``initialAlignment``: "auto" (default), "none", "com", "rigid" or
+        "affine"; ``contrast``: "auto" (default), "same" or "different" (two contrasts: the
+        MIND-SSC refinement alone); ``refineIterations``: None = the default, 0 = no refinement;
+        ``refineSeconds``: 0 = no time limit; ``refineSimilarity``: None (follows the contrast),
+        "lncc" or "mind"; ``useNetwork``: None (follows the contrast), False or True.
         See ``RegistrationLogic.registerVolumes`` for the parameters."""
         return self.registrationLogic.registerVolumes(
             fixedVolumeNode, movingVolumeNode, model=model, device=device,
@@ -576,7 +601,7 @@ class EOIRRegistrationLogic(ScriptedLoadableModuleLogic):
             showFolding=showFolding, workingSpacing=workingSpacing,
             intensityWindow=intensityWindow, initialAlignment=initialAlignment,
             refineIterations=refineIterations, refineSeconds=refineSeconds,
-            refineSimilarity=refineSimilarity, useNetwork=useNetwork,
+            refineSimilarity=refineSimilarity, useNetwork=useNetwork, contrast=contrast,
             progressCallback=progressCallback, cancelEvent=cancelEvent)
 
 

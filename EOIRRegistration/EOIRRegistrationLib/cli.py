@@ -14,8 +14,10 @@ from pathlib import Path
 from .errors import EOIRError
 from .models import ARCHITECTURES
 
-# = refine.DEFAULT_ITERATIONS (repeated so that --help does not import torch; a test checks it).
+# = refine.DEFAULT_ITERATIONS[_ALONE] (repeated so that --help does not import torch; a test
+# checks them).
 DEFAULT_REFINE_ITERATIONS = 10
+DEFAULT_REFINE_ITERATIONS_ALONE = 30
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -132,20 +134,24 @@ def _register_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-transform", metavar="FILE",
                    help="linear ITK transform file (.tfm/.txt/.mat/.h5) mapping fixed points to "
                         "moving points, used as the starting point (overrides --init)")
-    p.add_argument("--refine", type=int, default=DEFAULT_REFINE_ITERATIONS, metavar="N",
-                   help="per-pair optimisation iterations after the network (default "
-                        f"{DEFAULT_REFINE_ITERATIONS}: about 1.5 s for a brain on 2 CPU threads; "
-                        "0 = off)")
+    p.add_argument("--contrast", choices=["auto", "same", "different"], default="auto",
+                   help="same: one contrast (the network, then LNCC refinement); different: two "
+                        "contrasts, e.g. T1 and T2 (the MIND-SSC refinement alone: the bundled "
+                        "models are single-contrast); auto (default): decided from the images' "
+                        "correlation after the initial alignment (written to report.json)")
+    p.add_argument("--refine", type=int, default=None, metavar="N",
+                   help="per-pair optimisation iterations (default "
+                        f"{DEFAULT_REFINE_ITERATIONS} after the network, about 1.5 s for a brain "
+                        f"on 2 CPU threads; {DEFAULT_REFINE_ITERATIONS_ALONE} without it, about "
+                        "11 s; 0 = off)")
     p.add_argument("--no-network", action="store_true",
-                   help="skip the network: the refinement alone, from the initial alignment "
-                        "(needs --refine > 0); for two modalities, where the bundled "
-                        "single-contrast models mislead: --no-network --refine 50 "
-                        "--refine-similarity mind")
+                   help="skip the network whatever the contrast: the refinement alone, from the "
+                        "initial alignment (needs refinement)")
     p.add_argument("--refine-seconds", type=float, default=None,
                    help="time budget for --refine (stops early when exceeded)")
-    p.add_argument("--refine-similarity", choices=["lncc", "mind"], default="lncc",
-                   help="similarity of --refine: lncc (same modality) or mind (MIND-SSC "
-                        "descriptors, for two modalities, e.g. T1 and T2 or CT)")
+    p.add_argument("--refine-similarity", choices=["lncc", "mind"], default=None,
+                   help="similarity of the refinement (default: follows --contrast): lncc (one "
+                        "contrast) or mind (MIND-SSC descriptors, two contrasts, e.g. T1 and T2)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--no-png", action="store_true", help="skip overview.png")
     p.add_argument("--overwrite", action="store_true",
@@ -245,14 +251,15 @@ def run_registration(args, extra_report: dict | None = None, inputs: dict | None
     loaded = resolve_model(args.model)
     t_read = time.perf_counter() - t0
     from .refine import RefineConfig
-    refine = None
-    if getattr(args, "refine", 0):
-        refine = RefineConfig(iterations=args.refine, time_budget_s=args.refine_seconds,
-                              similarity=getattr(args, "refine_similarity", "lncc"))
+    iterations = getattr(args, "refine", None)
+    refine = None if iterations == 0 else RefineConfig(
+        iterations=iterations, time_budget_s=getattr(args, "refine_seconds", None),
+        similarity=getattr(args, "refine_similarity", None))
     result = register(fixed, moving, model=loaded, device=args.device,
                       moving_labels=moving_labels, working_spacing=args.working_spacing,
                       refine=refine, initial_alignment=getattr(args, "init", "auto"),
-                      initial_transform=initial, network=not getattr(args, "no_network", False),
+                      initial_transform=initial, contrast=getattr(args, "contrast", "auto"),
+                      network=False if getattr(args, "no_network", False) else None,
                       progress=_stderr_progress(args.quiet))
     report = {
         "eoir_registration_version": __version__,
@@ -267,7 +274,14 @@ def run_registration(args, extra_report: dict | None = None, inputs: dict | None
                          "spacing_mm": list(result.working_grid.spacing)},
         "displacement_convention": "LPS mm on the fixed grid; fixed point x maps to moving "
                                    "point x + d(x) (ITK resampling direction)",
+        "contrast": {"requested": getattr(args, "contrast", "auto"), "used": result.contrast,
+                     "correlation": (None if np.isnan(result.contrast_correlation)
+                                     else round(result.contrast_correlation, 4))},
+        "method": result.method,
         "network": result.network,
+        "refinement": (None if result.refine is None else
+                       {"iterations": result.refine.iterations,
+                        "similarity": result.refine.similarity}),
         "initial_alignment": result.initial_alignment,
         "initial_matrix_lps": result.initial_matrix.tolist(),
         "quality": result.qa,
@@ -329,6 +343,9 @@ def _summary(report: dict) -> str:
              f"{report['seconds']['total']:.1f} s total",
              f"folding {q['folding_percent']:.4f}% of voxels, SDlogJ {q['sdlogj']:.3f}, "
              f"det in [{q['jacobian_min']:.3f}, {q['jacobian_max']:.3f}]"]
+    if "method" in report:
+        how = "auto" if report["contrast"]["requested"] == "auto" else "as requested"
+        lines.append(f"{report['method']} [{how}]")
     if "dice" in report:
         d = report["dice"]
         lines.append(f"mean Dice over {d['labels']} labels: {d['mean_before']:.3f} -> "
@@ -407,7 +424,7 @@ def demo_main(argv=None) -> int:
             output_dir=args.output_dir, model=args.model, device=args.device,
             moving_labels=str(sample / "moving_labels.nii.gz"),
             fixed_labels=str(sample / "fixed_labels.nii.gz"), working_spacing=None,
-            refine=DEFAULT_REFINE_ITERATIONS, refine_seconds=None, init="auto",
+            refine=None, refine_seconds=None, init="auto",
             initial_transform=None,
             threads=args.threads, no_png=False, overwrite=True, quiet=False)
         report = run_registration(reg_args)

@@ -25,13 +25,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import alignment, geometry, metrics, spatial
+from . import alignment, contrast as contrast_test, geometry, metrics, spatial
 from .devices import is_out_of_memory, resolve_device
 from .errors import DeviceError, InputError, RegistrationCancelled
 from .intensity import normalize, window_of
 from .modelfile import LoadedModel, resolve_model
-from .refine import DEFAULT_ITERATIONS as DEFAULT_REFINE_ITERATIONS, RefineConfig, \
-    refine_displacement
+from .refine import RefineConfig, refine_displacement
 
 ProgressCallback = Callable[[str, float], None]
 STAGES = ("loading model", "preparing images", "registering", "refining", "resampling",
@@ -53,6 +52,21 @@ class RegistrationResult:
     initial_matrix: np.ndarray | None = None  # 4x4 LPS, fixed point -> moving point (included)
     initial_alignment: str = "none"  # method that produced it ("auto" resolved; "given")
     network: bool = True            # False: the refinement alone (register(network=False))
+    contrast: str = "same"          # "same" or "different" ("auto" resolved)
+    contrast_correlation: float = float("nan")  # the figure "auto" decides on (contrast.py)
+    refine: RefineConfig | None = None  # the refinement that ran (defaults resolved)
+
+    @property
+    def method(self) -> str:
+        """One line: which contrast path ran and why, e.g. "different contrasts (intensity
+        correlation -0.24): MIND-SSC refinement alone, 30 steps"."""
+        r = self.contrast_correlation
+        why = "" if np.isnan(r) else f" (intensity correlation {r:.2f})"
+        steps = ("no refinement" if self.refine is None else
+                 f"{'MIND-SSC' if self.refine.similarity == 'mind' else 'LNCC'} refinement"
+                 f"{'' if self.network else ' alone'}, {self.refine.iterations} steps")
+        head = "same contrast" if self.contrast == "same" else "different contrasts"
+        return f"{head}{why}: {'network + ' if self.network else ''}{steps}"
 
 
 def check_image(image, role: str, labels: bool = False) -> sitk.Image:
@@ -177,8 +191,9 @@ def _with_cpu_fallback(run, device, requested: str, stages, stage: str, shape):
 def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str = "auto",
              moving_labels: sitk.Image | None = None, working_spacing=None,
              intensity_window=None,
-             refine: RefineConfig | int | None = DEFAULT_REFINE_ITERATIONS,
-             initial_alignment: str = "auto", initial_transform=None, network: bool = True,
+             refine: RefineConfig | int | None = RefineConfig(),
+             initial_alignment: str = "auto", initial_transform=None,
+             contrast: str = "auto", network: bool | None = None,
              progress: ProgressCallback | None = None, cancel=None) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see the module docstring for the geometry.
 
@@ -189,18 +204,28 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     (centres of mass), "rigid" or "affine" (mutual information on a coarse grid); initial_transform: a linear SimpleITK
     transform or 4x4 LPS matrix mapping fixed points to moving points (overrides the method).
     The returned displacement contains this linear part: x -> A (x + d_net(x)).
-    refine: a RefineConfig or a number of iterations of per-pair optimisation after the network
-    (instance optimisation; default ``refine.DEFAULT_ITERATIONS``; None or 0 = off).
-    network=False skips the network: the refinement alone, from the initial alignment (the
-    model still sets the working grid and the normalisation); for two modalities, where the
-    bundled single-contrast models mislead, with MIND-SSC refinement. Needs refine > 0.
+    contrast: "same" (one contrast: the network, then LNCC refinement), "different" (two
+    contrasts, e.g. T1 and T2: the MIND-SSC refinement alone, as the bundled models are
+    single-contrast) or "auto" (default: decided from the images after the initial alignment,
+    see ``contrast.py``); the result says which and on what figure.
+    refine: a RefineConfig or a number of iterations of per-pair optimisation (instance
+    optimisation; None or 0 = off). Its fields left None follow the contrast: 10 iterations
+    after the network, 50 without (``refine.DEFAULT_ITERATIONS[_ALONE]``); LNCC for one
+    contrast, MIND-SSC for two.
+    network: None follows the contrast (on for "same", and whenever the refinement is off);
+    False forces the refinement alone (needs refine > 0), True the network.
     progress(stage, fraction) is called at each stage; cancel (threading.Event or callable) is
     polled between stages and raises RegistrationCancelled.
     """
     stages = _Stages(progress, cancel)
     if isinstance(refine, int):
         refine = RefineConfig(iterations=refine) if refine > 0 else None
-    if not network and (refine is None or refine.iterations <= 0):
+    if refine is not None and refine.iterations is not None and refine.iterations <= 0:
+        refine = None
+    if contrast not in contrast_test.CONTRASTS:
+        raise InputError(f"unknown contrast {contrast!r}; choose one of "
+                         f"{', '.join(contrast_test.CONTRASTS)}")
+    if refine is None and (network is False or (network is None and contrast == "different")):
         raise InputError("without the network the refinement is the whole registration: give "
                          "it iterations (e.g. 50)")
     check_image(fixed, "fixed image")
@@ -233,6 +258,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
                                              affine if role == "moving" else None), window))
     fixed_w, moving_w = tensors
     del fixed_t
+    contrast, correlation = contrast_test.decide(contrast, fixed_w, moving_w)
+    if network is None:
+        network = contrast == "same" or refine is None
+    if refine is not None:
+        refine = refine.resolved(after_network=network, same_contrast=contrast == "same")
 
     shape = fixed_w.shape[2:]
     if network:
@@ -241,7 +271,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
                                     str(device), stages, "registering", shape)
     else:
         u = fixed_w.new_zeros(1, 3, *shape)
-    if refine is not None and refine.iterations > 0:
+    if refine is not None:
         stages.start("refining")
         span = (STAGES.index("refining") / len(STAGES), 1 / len(STAGES))
         on_step = (lambda f: progress("refining", span[0] + f * span[1])) if progress else None
@@ -290,7 +320,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
         jacobian=geometry.tensor_to_image(det, fixed_grid),
         folding=geometry.tensor_to_image((det <= 0).to(torch.uint8), fixed_grid, sitk.sitkUInt8),
         warped_labels=warped_labels, qa=qa, model_name=loaded.name, device=str(dev),
-        working_grid=wgrid, initial_matrix=a, initial_alignment=alignment_used, network=network)
+        working_grid=wgrid, initial_matrix=a, initial_alignment=alignment_used, network=network,
+        contrast=contrast, contrast_correlation=correlation, refine=refine)
     stages.done()
     result.timings = dict(stages.timings)
     return result

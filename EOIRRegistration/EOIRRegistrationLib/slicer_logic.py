@@ -72,11 +72,17 @@ INITIAL_ALIGNMENTS = ("auto", "none", "com", "rigid", "affine")
 #: Attribute of the output transform holding the engine's initial matrix (see createOutputs).
 INITIAL_MATRIX_ATTRIBUTE = "EOIRRegistration.initial_matrix_lps"
 MAX_REFINE_ITERATIONS = 1000
-#: = ``refine.DEFAULT_ITERATIONS`` (this module imports no torch; a test checks they agree).
+#: = ``refine.DEFAULT_ITERATIONS`` and ``refine.DEFAULT_ITERATIONS_ALONE``: the refinement's
+#: default steps after the network and without it (this module imports no torch; a test checks
+#: they agree). ``refineIterations=None`` (or negative) selects them.
 DEFAULT_REFINE_ITERATIONS = 10
-#: Refinement similarities of the engine (``refine.SIMILARITIES``): LNCC for one modality,
-#: MIND-SSC descriptors for two.
+DEFAULT_REFINE_ITERATIONS_ALONE = 30
+#: Refinement similarities of the engine (``refine.SIMILARITIES``): LNCC for one contrast,
+#: MIND-SSC descriptors for two. None ("auto") follows the contrast.
 REFINE_SIMILARITIES = ("lncc", "mind")
+#: The engine's contrast choices (``contrast.CONTRASTS``): "same" runs the network then LNCC
+#: refinement, "different" the MIND-SSC refinement alone, "auto" decides from the images.
+CONTRASTS = ("auto", "same", "different")
 
 #: Overall progress fractions of the three steps (the engine's own fractions are scaled into its
 #: share, so a progress bar moves once from 0 to 1).
@@ -104,44 +110,55 @@ def _checkCancelled(cancelEvent) -> None:
         raise RegistrationCancelled("registration cancelled")
 
 
-def checkEngineOptions(initialAlignment="auto", refineIterations=DEFAULT_REFINE_ITERATIONS,
-                       refineSeconds=0.0, refineSimilarity="lncc", useNetwork=True):
-    """Validate the initial-alignment, refinement and network choices (no torch); returns them
-    normalised as (method, iterations, seconds, similarity, network). Raises
-    :class:`InputError` with the reason."""
+def checkEngineOptions(initialAlignment="auto", refineIterations=None, refineSeconds=0.0,
+                       refineSimilarity=None, useNetwork=None, contrast="auto"):
+    """Validate the initial-alignment, refinement, network and contrast choices (no torch);
+    returns them normalised as (method, iterations, seconds, similarity, network, contrast),
+    where iterations, similarity and network may be None (the engine chooses by contrast).
+    Raises :class:`InputError` with the reason."""
     method = str(initialAlignment or "auto").lower()
     if method not in INITIAL_ALIGNMENTS:
         raise InputError(f"unknown initial alignment {initialAlignment!r}; choose one of "
                          f"{', '.join(INITIAL_ALIGNMENTS)}")
     try:
-        iterations = int(refineIterations or 0)
+        iterations = None if refineIterations is None else int(refineIterations)
         seconds = float(refineSeconds or 0.0)
     except (TypeError, ValueError) as exc:
         raise InputError(f"refinement settings must be numbers: {exc}") from exc
-    if iterations != float(refineIterations or 0) or not 0 <= iterations <= MAX_REFINE_ITERATIONS:
+    if iterations is not None and (iterations != float(refineIterations)
+                                   or iterations > MAX_REFINE_ITERATIONS):
         raise InputError(f"refine iterations must be a whole number from 0 (off) to "
-                         f"{MAX_REFINE_ITERATIONS}, got {refineIterations!r}")
+                         f"{MAX_REFINE_ITERATIONS} (negative: the default), got "
+                         f"{refineIterations!r}")
+    if iterations is not None and iterations < 0:
+        iterations = None
     if not np.isfinite(seconds) or seconds < 0:
         raise InputError(f"the refinement time budget must be 0 (no limit) or more seconds, "
                          f"got {refineSeconds!r}")
-    similarity = str(refineSimilarity or "lncc").lower()
-    if similarity not in REFINE_SIMILARITIES:
+    similarity = str(refineSimilarity or "auto").lower()
+    if similarity == "auto":
+        similarity = None
+    elif similarity not in REFINE_SIMILARITIES:
         raise InputError(f"unknown refinement similarity {refineSimilarity!r}; choose one of "
-                         f"{', '.join(REFINE_SIMILARITIES)}")
-    network = bool(useNetwork)
-    if not network and iterations == 0:
+                         f"auto, {', '.join(REFINE_SIMILARITIES)}")
+    network = None if useNetwork is None else bool(useNetwork)
+    contrast = str(contrast or "auto").lower()
+    if contrast not in CONTRASTS:
+        raise InputError(f"unknown contrast {contrast!r}; choose one of {', '.join(CONTRASTS)}")
+    if iterations == 0 and (network is False or (network is None and contrast == "different")):
         raise InputError("without the network the refinement is the whole registration: give "
-                         "it iterations (e.g. 50)")
-    return method, iterations, seconds, similarity, network
+                         "it iterations (e.g. 30)")
+    return method, iterations, seconds, similarity, network, contrast
 
 
-def _refineConfig(iterations: int, seconds: float, similarity: str = "lncc"):
-    """The engine's ``refine`` argument: None when off, else a ``RefineConfig`` (imports torch)."""
-    if iterations <= 0:
+def _refineConfig(iterations: int | None, seconds: float, similarity: str | None = None):
+    """The engine's ``refine`` argument: None when off (0), else a ``RefineConfig`` whose None
+    fields the engine fills by contrast (imports torch)."""
+    if iterations == 0:
         return None
     from .refine import RefineConfig
 
-    return RefineConfig(iterations=int(iterations),
+    return RefineConfig(iterations=iterations,
                         time_budget_s=float(seconds) if seconds > 0 else None,
                         similarity=similarity)
 
@@ -292,6 +309,9 @@ class RegistrationOutputs:
     #: linear parent transforms applied) that the engine started from and that the transform
     #: contains; None when the engine did not report one.
     initialMatrix: Optional[np.ndarray] = None
+    #: what ran, e.g. "different contrasts (auto, intensity correlation -0.24): MIND-SSC
+    #: refinement alone, 30 steps"
+    method: str = ""
 
     @property
     def foldingPercent(self) -> float:
@@ -303,7 +323,7 @@ class RegistrationOutputs:
 
     def summary(self) -> str:
         qa = self.qa
-        return (f"folding {qa.get('folding_percent', float('nan')):.3f} % of voxels, "
+        return (f"{self.method + '; ' if self.method else ''}folding {qa.get('folding_percent', float('nan')):.3f} % of voxels, "
                 f"SDlogJ {qa.get('sdlogj', float('nan')):.3f}, det(J) in "
                 f"[{qa.get('jacobian_min', float('nan')):.3f}, "
                 f"{qa.get('jacobian_max', float('nan')):.3f}]")
@@ -453,15 +473,16 @@ class RegistrationLogic:
     @staticmethod
     def runEngine(inputs: RegistrationInputs, model="default", device="auto",
                   workingSpacing=None, intensityWindow=None, initialAlignment="auto",
-                  refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0, refineSimilarity="lncc",
-                  useNetwork=True,
+                  refineIterations=None, refineSeconds=0.0, refineSimilarity=None,
+                  useNetwork=None, contrast="auto",
                   progressCallback: Callable[[str, float], None] | None = None, cancelEvent=None):
         """Run the engine on prepared inputs (any thread; touches no MRML). Returns the engine's
         ``RegistrationResult``; raises ``RegistrationCancelled`` when ``cancelEvent`` is set.
-        ``initialAlignment``, ``refineIterations``, ``refineSeconds``, ``refineSimilarity`` and
-        ``useNetwork``: see :meth:`registerVolumes`."""
-        method, iterations, seconds, similarity, network = checkEngineOptions(
-            initialAlignment, refineIterations, refineSeconds, refineSimilarity, useNetwork)
+        ``initialAlignment``, ``refineIterations``, ``refineSeconds``, ``refineSimilarity``,
+        ``useNetwork`` and ``contrast``: see :meth:`registerVolumes`."""
+        method, iterations, seconds, similarity, network, contrast = checkEngineOptions(
+            initialAlignment, refineIterations, refineSeconds, refineSimilarity, useNetwork,
+            contrast)
         _checkCancelled(cancelEvent)
         register = _engineRegister()
 
@@ -476,7 +497,7 @@ class RegistrationLogic:
                         moving_labels=inputs.movingLabels, working_spacing=workingSpacing,
                         intensity_window=intensityWindow,
                         refine=_refineConfig(iterations, seconds, similarity),
-                        initial_alignment=method, network=network,
+                        initial_alignment=method, contrast=contrast, network=network,
                         progress=progress, cancel=cancelEvent)
 
     # -- step 3 -------------------------------------------------------------------------------
@@ -599,7 +620,7 @@ class RegistrationLogic:
             warpedSegmentationNode=warpedLabelsNode, qa=qa,
             timings=dict(getattr(result, "timings", {}) or {}),
             modelName=str(getattr(result, "model_name", "")), device=str(getattr(result, "device", "")),
-            initialMatrix=initialMatrix)
+            initialMatrix=initialMatrix, method=str(getattr(result, "method", "")))
 
     def _recordSliceViews(self, transaction: _Transaction) -> None:
         for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
@@ -614,8 +635,8 @@ class RegistrationLogic:
                         outputTransformNode=None, outputVolumeNode=None,
                         movingSegmentationNode=None, showJacobian=True, showFolding=True,
                         workingSpacing=None, intensityWindow=None, initialAlignment="auto",
-                        refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0, refineSimilarity="lncc",
-                        useNetwork=True,
+                        refineIterations=None, refineSeconds=0.0, refineSimilarity=None,
+                        useNetwork=None, contrast="auto",
                         progressCallback: Callable[[str, float], None] | None = None,
                         cancelEvent=None) -> RegistrationOutputs:
         """Register the moving volume to the fixed volume (blocking) and return the result nodes
@@ -640,21 +661,24 @@ class RegistrationLogic:
             it applied, the alignment is computed on top of it, and it stays below the output
             transform. The matrix used is returned (``initialMatrix``) and stored on the
             transform (attribute ``EOIRRegistration.initial_matrix_lps``).
-        :param refineIterations: per-pair refinement (instance optimisation) after the network,
-            0 = off.
+        :param contrast: "auto" (default: decided from the volumes after the initial
+            alignment), "same" (one contrast: the network, then LNCC refinement) or "different"
+            (two contrasts such as T1 and T2: the MIND-SSC refinement alone, as the bundled
+            models are single-contrast). The outputs say which ran (``contrast``).
+        :param refineIterations: per-pair refinement (instance optimisation) steps; None or
+            negative = the default (10 after the network, 30 without it), 0 = off.
         :param refineSeconds: time budget of the refinement in seconds, 0 = no limit.
-        :param refineSimilarity: "lncc" (same modality, default) or "mind" (MIND-SSC
-            descriptors, for two modalities such as T1 and T2 or MR and CT).
-        :param useNetwork: False skips the network: the refinement alone registers, from the
-            initial alignment (needs refineIterations > 0; with the bundled single-contrast
-            models the better choice for two modalities, with refineSimilarity "mind").
+        :param refineSimilarity: None or "auto" (follows the contrast), "lncc" (one contrast)
+            or "mind" (MIND-SSC descriptors, two contrasts such as T1 and T2 or MR and CT).
+        :param useNetwork: None follows the contrast; False skips the network (the refinement
+            alone registers, from the initial alignment); True runs it whatever the contrast.
         :param progressCallback: ``f(stage: str, fraction: float)``, fraction of the whole run.
         :param cancelEvent: ``threading.Event`` (or callable returning bool) to stop the run;
             raises ``RegistrationCancelled`` and leaves the scene as it was.
         """
         started = time.perf_counter()
         checkEngineOptions(initialAlignment, refineIterations, refineSeconds,
-                           refineSimilarity, useNetwork)  # before any work
+                           refineSimilarity, useNetwork, contrast)  # before any work
         if progressCallback is not None:
             progressCallback("reading volumes", 0.0)
         inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode,
@@ -666,7 +690,8 @@ class RegistrationLogic:
                                 initialAlignment=initialAlignment,
                                 refineIterations=refineIterations, refineSeconds=refineSeconds,
                                 refineSimilarity=refineSimilarity, useNetwork=useNetwork,
-                                progressCallback=progressCallback, cancelEvent=cancelEvent)
+                                contrast=contrast, progressCallback=progressCallback,
+                                cancelEvent=cancelEvent)
         outputs = self.createOutputs(inputs, result, outputTransformNode=outputTransformNode,
                                      outputVolumeNode=outputVolumeNode, showJacobian=showJacobian,
                                      showFolding=showFolding, progressCallback=progressCallback,
@@ -750,6 +775,7 @@ class EngineResult:
     model_name: str = ""
     device: str = ""
     initial_matrix: Optional[np.ndarray] = None  # 4x4 LPS, fixed point -> moving point
+    method: str = ""  # what ran (the engine's ``RegistrationResult.method``)
 
 
 def _errorFromWorker(info: dict) -> BaseException:
@@ -777,8 +803,8 @@ class ProcessRegistration:
 
     def __init__(self, inputs: RegistrationInputs, pythonExecutable: str | None = None,
                  model="default", device="auto", workingSpacing=None, intensityWindow=None,
-                 initialAlignment="auto", refineIterations=DEFAULT_REFINE_ITERATIONS, refineSeconds=0.0,
-                 refineSimilarity="lncc", useNetwork=True, engine: str | None = None,
+                 initialAlignment="auto", refineIterations=None, refineSeconds=0.0,
+                 refineSimilarity=None, useNetwork=None, contrast="auto", engine: str | None = None,
                  tempDir: str | None = None):
         if not isinstance(model, (str, os.PathLike)):
             raise InputError("a model object cannot be sent to the registration process; give a "
@@ -787,13 +813,15 @@ class ProcessRegistration:
         self.pythonExecutable = pythonExecutable or sys.executable
         if workingSpacing is not None and not isinstance(workingSpacing, (list, tuple)):
             workingSpacing = (float(workingSpacing),) * 3
-        method, iterations, seconds, similarity, network = checkEngineOptions(
-            initialAlignment, refineIterations, refineSeconds, refineSimilarity, useNetwork)
+        method, iterations, seconds, similarity, network, contrast = checkEngineOptions(
+            initialAlignment, refineIterations, refineSeconds, refineSimilarity, useNetwork,
+            contrast)
         self._job = {"model": str(model), "device": str(device),
                      "working_spacing": list(workingSpacing) if workingSpacing else None,
                      "intensity_window": intensityWindow, "initial_alignment": method,
                      "refine_iterations": iterations, "refine_seconds": seconds,
                      "refine_similarity": similarity, "use_network": network,
+                     "contrast": contrast,
                      "engine": engine}
         self._tempDir = tempDir
         self.jobDir: Path | None = None
@@ -894,6 +922,7 @@ class ProcessRegistration:
         self.result = EngineResult(qa=info.get("qa", {}), timings=info.get("timings", {}),
                                    model_name=info.get("model_name", ""),
                                    device=info.get("device", ""),
+                                   method=info.get("method", ""),
                                    initial_matrix=(np.array(matrix, dtype=np.float64).reshape(4, 4)
                                                    if matrix is not None else None), **images)
 

@@ -7,15 +7,16 @@ it talks to the panel through files in ``JOBDIR``:
 
 * ``job.json`` (in): file names of the inputs and the engine options (``model``, ``device``,
   ``working_spacing``, ``intensity_window``, ``initial_alignment``, ``refine_iterations``,
-  ``refine_seconds``, ``refine_similarity``, ``use_network``; the last five optional: "auto",
-  the engine's default number of refinement iterations (0 = off), 0 = no time limit, "lncc",
-  true);
+  ``refine_seconds``, ``refine_similarity``, ``use_network``, ``contrast``; the last six
+  optional: "auto", null (the engine's default number of refinement iterations; 0 = off), 0 = no
+  time limit, null (similarity by contrast), null (network by contrast), "auto");
 * ``fixed.mha``, ``moving.mha`` and optionally ``labels.mha`` (in): LPS images;
 * ``cancel`` (in): created by the panel to ask for a stop (polled between engine stages);
 * ``progress.json`` (out): ``{"stage": str, "fraction": float}``, replaced atomically;
 * ``displacement.mha``, ``warped.mha``, ``jacobian.mha``, ``folding.mha``,
-  ``warped_labels.mha`` and ``result.json`` (out: qa, timings, model_name, device and
-  initial_matrix, the 4x4 LPS matrix as nested lists or null) on success, exit status 0;
+  ``warped_labels.mha`` and ``result.json`` (out: qa, timings, model_name, device,
+  initial_matrix, the 4x4 LPS matrix as nested lists or null, and method, the line saying which
+  contrast path ran) on success, exit status 0;
 * ``error.json`` (out) ``{"type", "message"}`` on failure, exit status 1 (2 when cancelled).
 
 torch is imported here (through the engine), in the child process only.
@@ -61,15 +62,15 @@ def _engine(spec: str | None):
 
 def _refine(job: dict):
     """The engine's ``refine`` argument from the job: None when off, else a ``RefineConfig``."""
-    from EOIRRegistrationLib.refine import DEFAULT_ITERATIONS, RefineConfig
+    from EOIRRegistrationLib.refine import RefineConfig
 
-    iterations = int(job.get("refine_iterations", DEFAULT_ITERATIONS) or 0)
-    if iterations <= 0:
+    iterations = job.get("refine_iterations")  # None: the engine's default for the contrast
+    if iterations is not None and int(iterations) == 0:
         return None
-
     seconds = float(job.get("refine_seconds") or 0.0)
-    return RefineConfig(iterations=iterations, time_budget_s=seconds if seconds > 0 else None,
-                        similarity=str(job.get("refine_similarity") or "lncc"))
+    return RefineConfig(iterations=None if iterations is None else int(iterations),
+                        time_budget_s=seconds if seconds > 0 else None,
+                        similarity=job.get("refine_similarity") or None)
 
 
 def run(jobDir: str | os.PathLike) -> int:
@@ -101,7 +102,8 @@ def run(jobDir: str | os.PathLike) -> int:
                           working_spacing=tuple(spacing) if spacing else None,
                           intensity_window=window, refine=_refine(job),
                           initial_alignment=str(job.get("initial_alignment") or "auto"),
-                          network=bool(job.get("use_network", True)),
+                          contrast=str(job.get("contrast") or "auto"),
+                          network=job.get("use_network"),
                           progress=progress, cancel=cancelled)
         for name in OUTPUT_IMAGES:
             image = getattr(result, name, None)
@@ -113,6 +115,7 @@ def run(jobDir: str | os.PathLike) -> int:
             "model_name": str(getattr(result, "model_name", "")),
             "device": str(getattr(result, "device", "")),
             "initial_matrix": _matrixList(getattr(result, "initial_matrix", None)),
+            "method": str(getattr(result, "method", "")),
         })
         return EXIT_OK
     except BaseException as exc:  # reported to the panel, which shows the reason

@@ -35,8 +35,10 @@ def run(argv):
 
 def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, capsys):
     out = tmp_path / "out"
+    # the fixture's two random images share no structure: state the contrast so the network runs
     code = run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
-                "--moving-labels", files["labels"], "--init", "affine", "--quiet"])
+                "--moving-labels", files["labels"], "--init", "affine", "--contrast", "same",
+                "--quiet"])
     assert code == 0
     names = {p.name for p in out.iterdir()}
     assert names == {"displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
@@ -52,6 +54,11 @@ def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, c
     assert report["quality"]["folding_percent"] == pytest.approx(100 * np.mean(jac <= 0))
     for stage in ("reading inputs", "registering", "resampling", "writing outputs", "total"):
         assert report["seconds"][stage] >= 0
+    assert report["contrast"]["requested"] == "same" and report["contrast"]["used"] == "same"
+    assert report["network"] is True
+    assert report["refinement"] == {"iterations": cli.DEFAULT_REFINE_ITERATIONS,
+                                    "similarity": "lncc"}
+    assert report["method"].startswith("same contrast") and "LNCC" in report["method"]
     png = (out / "overview.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert "folding" in capsys.readouterr().out
@@ -180,3 +187,39 @@ def test_no_network_runs_the_refinement_alone_and_needs_it(files, tmp_path, caps
     report = json.loads((out / "report.json").read_text())
     assert report["network"] is False and "registering" not in report["seconds"]
     assert report["seconds"]["refining"] >= 0
+
+
+def test_inverted_contrast_is_detected_and_reported(tmp_path, capsys):
+    """--contrast auto on a pair whose moving image is the fixed one with inverted intensities:
+    the MIND-SSC refinement alone runs with its own default steps, and the report says why."""
+    from EOIRRegistrationLib.phantom import make_phantom_pair
+
+    pair = make_phantom_pair(seed=4, shape=(32, 32, 32), spacing=(2.0, 2.0, 2.0))
+    inverted = sitk.Cast(sitk.InvertIntensity(sitk.Cast(pair.moving, sitk.sitkFloat32), 1000.0),
+                         sitk.sitkFloat32) * sitk.Cast(pair.moving_labels > 0, sitk.sitkFloat32)
+    paths = {}
+    for name, image in (("fixed", pair.fixed), ("moving", inverted)):
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(image, paths[name])
+    model = write_tiny_model(tmp_path / "tiny.pt", 0.05)
+    out = tmp_path / "out"
+    assert run([paths["fixed"], paths["moving"], "--output-dir", out, "--model", model,
+                "--init", "none", "--refine", "2", "--no-png"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["contrast"]["requested"] == "auto" and report["contrast"]["used"] == "different"
+    assert report["contrast"]["correlation"] < 0
+    assert report["network"] is False and "registering" not in report["seconds"]
+    assert report["refinement"] == {"iterations": 2, "similarity": "mind"}
+    printed = capsys.readouterr().out
+    assert "different contrasts" in printed and "[auto]" in printed
+    # the same pair with --contrast same: the network and LNCC, as asked
+    assert run([paths["fixed"], paths["moving"], "--output-dir", out, "--model", model,
+                "--init", "none", "--refine", "2", "--contrast", "same", "--no-png",
+                "--overwrite", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["contrast"]["used"] == "same" and report["network"] is True
+    assert report["refinement"]["similarity"] == "lncc"
+    # different contrasts without refinement leave nothing to register with
+    assert run([paths["fixed"], paths["moving"], "--output-dir", tmp_path / "none", "--model",
+                model, "--contrast", "different", "--refine", "0", "--quiet"]) == 2
+    assert "refinement is the whole registration" in capsys.readouterr().err

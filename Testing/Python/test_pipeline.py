@@ -126,7 +126,7 @@ def test_labels_are_warped_by_nearest_neighbour(fixed_moving, tmp_path):
 def test_progress_reports_stages_in_order_and_cancel_stops(fixed_moving, tmp_path):
     fixed, moving = fixed_moving
     seen = []
-    register(fixed, moving, model=tiny_model(tmp_path, "zero", 0),
+    register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), contrast="same",
              progress=lambda stage, f: seen.append((stage, f)))
     assert [s for s, _ in seen][:3] == ["loading model", "preparing images", "registering"]
     assert seen[-1] == ("done", 1.0)
@@ -137,7 +137,7 @@ def test_progress_reports_stages_in_order_and_cancel_stops(fixed_moving, tmp_pat
         if stage == "preparing images":
             cancel.set()
     with pytest.raises(RegistrationCancelled):
-        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0),
+        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), contrast="same",
                  progress=cancel_at_registering, cancel=cancel)
 
 
@@ -164,7 +164,8 @@ def test_bad_images_are_refused_with_the_reason(fixed_moving, make, match):
 def test_cuda_request_without_a_gpu_is_a_clear_error(fixed_moving, tmp_path):
     fixed, moving = fixed_moving
     with pytest.raises(DeviceError, match="no CUDA GPU"):
-        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cuda")
+        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cuda",
+                 contrast="same")
 
 
 def _oom_on_cuda(calls):
@@ -185,7 +186,7 @@ def test_gpu_out_of_memory_falls_back_to_cpu_with_auto(fixed_moving, tmp_path, m
     monkeypatch.setattr(pipeline_module, "run_network", _oom_on_cuda(calls))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="auto",
-                      progress=lambda s, f: stages.append(s))
+                      contrast="same", progress=lambda s, f: stages.append(s))
     assert calls == ["cuda", "cpu"] and result.device == "cpu"
     assert any("out of memory" in s for s in stages)
 
@@ -197,7 +198,8 @@ def test_gpu_out_of_memory_with_explicit_cuda_is_a_clear_error(fixed_moving, tmp
     monkeypatch.setattr(pipeline_module, "run_network", _oom_on_cuda([]))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     with pytest.raises(DeviceError, match="ran out of memory.*coarser working spacing"):
-        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cuda")
+        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cuda",
+                 contrast="same")
 
 
 def test_cpu_out_of_memory_is_a_clear_error(fixed_moving, tmp_path, monkeypatch):
@@ -208,7 +210,8 @@ def test_cpu_out_of_memory_is_a_clear_error(fixed_moving, tmp_path, monkeypatch)
                            "enough memory: you tried to allocate 68719476736 bytes.")
     monkeypatch.setattr(pipeline_module, "run_network", fake)
     with pytest.raises(DeviceError, match="ran out of memory.*coarser working spacing"):
-        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cpu")
+        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cpu",
+                 contrast="same")
 
 
 def _rotated_pair(angle_deg=25.0, shift=(12.0, -8.0, 5.0)):

@@ -84,7 +84,7 @@ def test_the_default_refinement_improves_a_deformed_pair_in_a_few_steps():
     fl, ml = (geometry.image_to_tensor(im).long() for im in (pair.fixed_labels, pair.moving_labels))
     before = _dice(torch.zeros(1, 3, *fixed.shape[2:]), fl, ml)
     u = refine_displacement(fixed, moving, None, RefineConfig())
-    assert RefineConfig().iterations == 10
+    assert RefineConfig().resolved().iterations == 10
     assert _dice(u, fl, ml) > before + 0.15, (before, _dice(u, fl, ml))  # measured 0.46 -> 0.73
     assert metrics.folding_fraction(metrics.jacobian_determinant_voxel(u)) == 0.0
 
@@ -97,12 +97,20 @@ def test_every_front_end_uses_the_engines_default_refinement():
 
     assert cli.DEFAULT_REFINE_ITERATIONS == refine.DEFAULT_ITERATIONS
     assert slicer_logic.DEFAULT_REFINE_ITERATIONS == refine.DEFAULT_ITERATIONS
-    assert cli._register_parser().parse_args(["f", "m", "--output-dir", "o"]).refine == \
-        refine.DEFAULT_ITERATIONS
-    assert inspect.signature(pipeline.register).parameters["refine"].default == \
-        refine.DEFAULT_ITERATIONS
-    assert slicer_worker._refine({}).iterations == refine.DEFAULT_ITERATIONS
+    assert cli.DEFAULT_REFINE_ITERATIONS_ALONE == refine.DEFAULT_ITERATIONS_ALONE
+    assert slicer_logic.DEFAULT_REFINE_ITERATIONS_ALONE == refine.DEFAULT_ITERATIONS_ALONE
+    # every front end leaves the steps and the similarity to the engine, which picks them by
+    # contrast: 10 LNCC steps after the network, 30 MIND-SSC steps without it
+    assert cli._register_parser().parse_args(["f", "m", "--output-dir", "o"]).refine is None
+    assert inspect.signature(pipeline.register).parameters["refine"].default == RefineConfig()
+    assert slicer_worker._refine({}) == RefineConfig()
     assert slicer_worker._refine({"refine_iterations": 0}) is None
+    assert RefineConfig().resolved(after_network=True, same_contrast=True) == RefineConfig(
+        iterations=refine.DEFAULT_ITERATIONS, similarity="lncc")
+    assert RefineConfig().resolved(after_network=False, same_contrast=False) == RefineConfig(
+        iterations=refine.DEFAULT_ITERATIONS_ALONE, similarity="mind")
+    assert RefineConfig(iterations=3, similarity="lncc").resolved(False, False) == RefineConfig(
+        iterations=3, similarity="lncc")  # explicit choices stay
 
 
 def test_the_written_out_adam_matches_torch_optim_adam():

@@ -89,13 +89,14 @@ class FakeEngine:
 
     def __call__(self, fixed, moving, model="default", device="auto", moving_labels=None,
                  working_spacing=None, intensity_window=None, refine=None,
-                 initial_alignment="auto", initial_transform=None, network=True, progress=None,
-                 cancel=None):
+                 initial_alignment="auto", initial_transform=None, contrast="auto", network=None,
+                 progress=None, cancel=None):
         self.calls.append(dict(fixed=fixed, moving=moving, model=model, device=device,
                                moving_labels=moving_labels, working_spacing=working_spacing,
                                intensity_window=intensity_window, refine=refine,
                                initial_alignment=initial_alignment,
-                               initial_transform=initial_transform, network=network))
+                               initial_transform=initial_transform, contrast=contrast,
+                               network=network))
         for stage, fraction in self.stages:
             if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
                 raise RegistrationCancelled("cancelled")
@@ -503,12 +504,13 @@ import SimpleITK as sitk
 
 def register(fixed, moving, model="default", device="auto", moving_labels=None,
              working_spacing=None, intensity_window=None, refine=None, initial_alignment="auto",
-             initial_transform=None, network=True, progress=None, cancel=None):
+             initial_transform=None, contrast="auto", network=None, progress=None, cancel=None):
     record = os.environ.get("EOIR_FAKE_RECORD")
     if record:
         import json
         with open(record, "w") as f:
             json.dump({"initial_alignment": initial_alignment, "network": network,
+                       "contrast": contrast,
                        "refine": None if refine is None else [type(refine).__name__,
                                                               refine.iterations,
                                                               refine.time_budget_s,
@@ -811,7 +813,9 @@ def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_
     # defaults: the engine's own (automatic alignment, its default refinement)
     first = logic.registerVolumes(fixed, moving)
     assert fake_engine.calls[-1]["initial_alignment"] == "auto"
+    # refinement on, its steps and similarity left to the engine (they follow the contrast)
     assert fake_engine.calls[-1]["refine"] == RefineConfig()
+    assert fake_engine.calls[-1]["contrast"] == "auto" and fake_engine.calls[-1]["network"] is None
     assert first.initialMatrix is None
     assert first.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE) is None
 
@@ -851,7 +855,7 @@ def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_
     assert job.wait(timeout=30) and job.error is None, job.error
     assert fake_engine.calls[-1]["initial_alignment"] == "com"
     assert fake_engine.calls[-1]["refine"].iterations == 7
-    assert fake_engine.calls[-1]["network"] is True  # the default
+    assert fake_engine.calls[-1]["network"] is None  # the default: follows the contrast
 
     # the refinement alone (no network), e.g. for two modalities
     logic.registerVolumes(fixed, moving, useNetwork=False, refineIterations=40,
@@ -860,11 +864,19 @@ def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_
     assert call["network"] is False and call["refine"].iterations == 40
     assert call["refine"].similarity == "mind"
 
+    # an explicit contrast reaches the engine; negative iterations mean the default
+    logic.registerVolumes(fixed, moving, contrast="different", refineIterations=-1,
+                          outputTransformNode=first.transformNode)
+    call = fake_engine.calls[-1]
+    assert call["contrast"] == "different" and call["refine"] == RefineConfig()
+
 
 @pytest.mark.parametrize("options, message", [
     (dict(useNetwork=False, refineIterations=0), "refinement is the whole registration"),
     (dict(initialAlignment="similarity"), "unknown initial alignment"),
-    (dict(refineIterations=-1), "refine iterations"),
+    (dict(contrast="different", refineIterations=0), "refinement is the whole registration"),
+    (dict(contrast="T2"), "unknown contrast"),
+    (dict(refineIterations="many"), "must be numbers"),
     (dict(refineIterations=1001), "refine iterations"),
     (dict(refineIterations=2.5), "refine iterations"),
     (dict(refineIterations=10, refineSeconds=-1.0), "time budget"),
@@ -901,7 +913,8 @@ def test_process_registration_passes_alignment_and_refinement(scene, volumes, wo
                                            tempDir=str(jobs)).start()
     assert job.wait(timeout=120) and job.error is None, job.error
     seen = json.loads(record.read_text())
-    assert seen["initial_alignment"] == "affine" and seen["network"] is True
+    assert seen["initial_alignment"] == "affine" and seen["network"] is None
+    assert seen["contrast"] == "auto"
     assert seen["refine"] == ["RefineConfig", 7, 2.0, "mind"]
     expected = np.array([[1.0, 0, 0, 1.5], [0, 1.0, 0, -2.5], [0, 0, 1.0, 0.25], [0, 0, 0, 1]])
     np.testing.assert_array_equal(job.result.initial_matrix, expected)
@@ -916,16 +929,17 @@ def test_process_registration_passes_alignment_and_refinement(scene, volumes, wo
     assert job.wait(timeout=120) and job.error is None, job.error
     seen = json.loads(record.read_text())
     assert seen["initial_alignment"] == "auto"
-    assert seen["refine"] == ["RefineConfig", slicer_logic.DEFAULT_REFINE_ITERATIONS, None, "lncc"]
+    assert seen["refine"] == ["RefineConfig", None, None, None]  # the engine's, by contrast
     assert job.result.initial_matrix is None
 
     # without the network: the worker passes it on
     job = slicer_logic.ProcessRegistration(inputs, engine="eoir_fake_engine:register",
                                            useNetwork=False, refineIterations=30,
-                                           tempDir=str(jobs)).start()
+                                           contrast="different", tempDir=str(jobs)).start()
     assert job.wait(timeout=120) and job.error is None, job.error
     seen = json.loads(record.read_text())
     assert seen["network"] is False and seen["refine"][1] == 30
+    assert seen["contrast"] == "different"
     assert list(jobs.iterdir()) == []
 
 

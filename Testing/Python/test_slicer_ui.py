@@ -338,31 +338,40 @@ def test_initial_alignment_and_refinement_widgets(ui_tree, widgets, module_ast):
     assert {"refineIterationsSpinBox", "refineSecondsSpinBox", "refineSimilarityComboBox"} \
         <= advanced
     similarities = re.search(r"Choice\((\[.*?\])\)", fields["refineSimilarity"]).group(1)
-    assert ast.literal_eval(similarities) == ["lncc", "mind"]
+    assert ast.literal_eval(similarities) == ["auto", "lncc", "mind"]
+    assert source.split("\n    refineSimilarity: ")[1].splitlines()[0].endswith('= "auto"')
     element = next(e for e in ui_tree.iter("widget") if e.get("name") == "refineSimilarityComboBox")
     items = [item.find("property/string").text for item in element.findall("item")]
-    assert items == ["LNCC (same modality)", "MIND-SSC (two modalities)"]
+    assert items == ["Follow the contrast", "LNCC (same contrast)", "MIND-SSC (two contrasts)"]
     assert all(f'"{label}"' in source for label in items)
+    # refine iterations: -1 = "default" (the engine's, by contrast), 0 = off, up to 1000
     cls, props = widgets["refineIterationsSpinBox"]
     assert cls == "QSpinBox" and text(props["SlicerParameterName"]) == "refineIterations"
     assert (text(props["minimum"]), text(props["maximum"]), text(props["value"])) == \
-        ("0", "1000", str(slicer_logic.DEFAULT_REFINE_ITERATIONS))
-    assert text(props["specialValueText"]) == "off"
-    assert fields["refineIterations"] == "Annotated[int, WithinRange(0, 1000)]"
+        ("-1", "1000", "-1")
+    assert text(props["specialValueText"]) == "default"
+    assert fields["refineIterations"] == "Annotated[int, WithinRange(-1, 1000)]"
     cls, props = widgets["refineSecondsSpinBox"]
     assert cls == "QDoubleSpinBox" and text(props["SlicerParameterName"]) == "refineSeconds"
     assert float(text(props["minimum"])) == 0.0 and float(text(props["value"])) == 0.0
     assert text(props["specialValueText"]) == "no limit"
     assert source.split("refineIterations: ")[1].splitlines()[0].endswith(
         "= DEFAULT_REFINE_ITERATIONS")
-    assert f"DEFAULT_REFINE_ITERATIONS = {slicer_logic.DEFAULT_REFINE_ITERATIONS}\n" in source
+    assert "DEFAULT_REFINE_ITERATIONS = -1\n" in source
+    assert slicer_logic.checkEngineOptions(refineIterations=-1)[1] is None  # engine's default
     assert "= 0.0" in source.split("refineSeconds: ")[1].splitlines()[0]
-    # Advanced: the network on/off check box (on by default, like the engine)
-    assert "useNetworkCheckBox" in advanced
-    cls, props = widgets["useNetworkCheckBox"]
-    assert cls == "QCheckBox" and text(props["SlicerParameterName"]) == "useNetwork"
-    assert text(props["checked"]) == "true" and fields["useNetwork"] == "bool"
-    assert source.split("useNetwork: ")[1].splitlines()[0] == "bool = True"
+    # Advanced: the contrast choice (automatic by default, like the engine), in the engine's order
+    assert "contrastComboBox" in advanced and "useNetwork" not in fields
+    cls, props = widgets["contrastComboBox"]
+    assert cls == "QComboBox" and text(props["SlicerParameterName"]) == "contrast"
+    contrasts = re.search(r"Choice\((\[.*?\])\)", fields["contrast"]).group(1)
+    assert tuple(ast.literal_eval(contrasts)) == slicer_logic.CONTRASTS
+    assert source.split("\n    contrast: ")[1].splitlines()[0].endswith('= "auto"')
+    element = next(e for e in ui_tree.iter("widget") if e.get("name") == "contrastComboBox")
+    items = [item.find("property/string").text for item in element.findall("item")]
+    assert items == ["Automatic (from the volumes)", "Same contrast",
+                     "Different contrasts (e.g. T1 and T2)"]
+    assert all(f'"{label}"' in source for label in items)
 
 
 def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_application,
@@ -396,14 +405,14 @@ def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_ap
         outputVolume=None, model="default", device="cpu", workingSpacing=0.0,
         useIntensityWindow=False, showJacobian=True, showFolding=False,
         initialAlignment="affine", refineIterations=40, refineSeconds=12.5,
-        refineSimilarity="mind", useNetwork=False)
+        refineSimilarity="mind", contrast="different")
     widget._setRunning = lambda running: None
     widget._timer = types.SimpleNamespace(start=lambda: None)
     widget._startRegistration()
     (job,) = started
     assert job.kwargs["initialAlignment"] == "affine"
     assert job.kwargs["refineIterations"] == 40 and job.kwargs["refineSeconds"] == 12.5
-    assert job.kwargs["refineSimilarity"] == "mind" and job.kwargs["useNetwork"] is False
+    assert job.kwargs["refineSimilarity"] == "mind" and job.kwargs["contrast"] == "different"
     assert job.inputs.movingVolumeNode is moving
 
     calls = []
@@ -416,7 +425,9 @@ def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_ap
     with pytest.raises(RuntimeError, match="stop here"):
         module.EOIRRegistrationLogic().registerVolumes(fixed, moving, initialAlignment="com",
                                                        refineIterations=5, refineSeconds=2.0,
-                                                       refineSimilarity="mind", useNetwork=False)
+                                                       refineSimilarity="mind", useNetwork=False,
+                                                       contrast="same")
     assert calls[0]["initial_alignment"] == "com" and calls[0]["network"] is False
+    assert calls[0]["contrast"] == "same"
     assert calls[0]["refine"].iterations == 5 and calls[0]["refine"].time_budget_s == 2.0
     assert calls[0]["refine"].similarity == "mind"

@@ -1,0 +1,90 @@
+"""Same or different contrasts: the correlation test and the pipeline's choices from it."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from EOIRRegistrationLib import contrast
+from EOIRRegistrationLib.errors import InputError
+from EOIRRegistrationLib.phantom import make_phantom_pair
+from EOIRRegistrationLib.pipeline import register
+from EOIRRegistrationLib.refine import DEFAULT_ITERATIONS, DEFAULT_ITERATIONS_ALONE
+from helpers import write_tiny_model
+from EOIRRegistrationLib import modelfile
+
+
+def _smooth(seed, shape=(24, 20, 16)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.avg_pool3d(torch.rand(1, 1, *shape, generator=g), 5, 1, 2)
+    return (x - x.min()) / (x.max() - x.min())
+
+
+def test_correlation_matches_numpy_over_voxels_where_both_have_signal():
+    f, m = _smooth(1), _smooth(2)
+    m[..., :4] = 0.0  # background in one image only: left out
+    both = ((f > contrast.SIGNAL_FLOOR) & (m > contrast.SIGNAL_FLOOR)).numpy()
+    expected = np.corrcoef(f.numpy()[both], m.numpy()[both])[0, 1]
+    assert contrast.intensity_correlation(f, m) == pytest.approx(expected, abs=1e-9)
+    assert np.isnan(contrast.intensity_correlation(f, torch.zeros_like(f)))  # no overlap
+    assert np.isnan(contrast.intensity_correlation(f, torch.full_like(f, 0.5)))  # constant
+
+
+def test_auto_tells_a_rescaled_copy_from_an_inverted_one():
+    f = _smooth(3)
+    noisy = (0.7 * f + 0.2 + 0.05 * _smooth(4)).clamp(0, 1)
+    assert contrast.decide("auto", f, noisy)[0] == "same"
+    assert contrast.decide("auto", f, 1.0 - f)[0] == "different"
+    assert contrast.decide("auto", f, torch.zeros_like(f)) == ("same", pytest.approx(np.nan,
+                                                                                       nan_ok=True))
+    # explicit choices are kept, with the figure
+    kept, r = contrast.decide("same", f, 1.0 - f)
+    assert kept == "same" and r < -0.99
+    with pytest.raises(ValueError, match="unknown contrast"):
+        contrast.decide("T2", f, f)
+
+
+@pytest.fixture(scope="module")
+def phantom_pairs(tmp_path_factory):
+    pair = make_phantom_pair(seed=6, shape=(32, 32, 32), spacing=(2.0, 2.0, 2.0))
+    inverted = sitk.InvertIntensity(sitk.Cast(pair.moving, sitk.sitkFloat32), 1000.0)
+    inverted = inverted * sitk.Cast(pair.moving_labels > 0, sitk.sitkFloat32)
+    model = modelfile.load_model(write_tiny_model(tmp_path_factory.mktemp("m") / "tiny.pt", 0.05))
+    return pair, inverted, model
+
+
+def test_the_pipeline_follows_the_detected_contrast(phantom_pairs):
+    pair, inverted, model = phantom_pairs
+    same = register(pair.fixed, pair.moving, model=model, initial_alignment="none", refine=2)
+    assert same.contrast == "same" and same.network and same.contrast_correlation > 0.25
+    assert same.refine.similarity == "lncc" and same.refine.iterations == 2
+    assert "registering" in same.timings
+    other = register(pair.fixed, inverted, model=model, initial_alignment="none", refine=2)
+    assert other.contrast == "different" and not other.network
+    assert other.contrast_correlation < 0
+    assert other.refine.similarity == "mind" and "registering" not in other.timings
+    assert other.method.startswith("different contrasts (intensity correlation -")
+    assert "MIND-SSC refinement alone, 2 steps" in other.method
+
+
+def test_default_steps_follow_the_path_and_explicit_choices_win(phantom_pairs, monkeypatch):
+    from EOIRRegistrationLib import pipeline
+
+    pair, inverted, model = phantom_pairs
+    seen = []
+    monkeypatch.setattr(pipeline, "refine_displacement",
+                        lambda f, m, u, cfg, **kw: seen.append(cfg) or u.clone())
+    register(pair.fixed, pair.moving, model=model, initial_alignment="none")
+    register(pair.fixed, inverted, model=model, initial_alignment="none")
+    assert [(c.iterations, c.similarity) for c in seen] == [
+        (DEFAULT_ITERATIONS, "lncc"), (DEFAULT_ITERATIONS_ALONE, "mind")]
+    # the network forced on for the inverted pair: its default steps, MIND-SSC by contrast
+    r = register(pair.fixed, inverted, model=model, initial_alignment="none", network=True)
+    assert r.network and r.contrast == "different"
+    assert (seen[-1].iterations, seen[-1].similarity) == (DEFAULT_ITERATIONS, "mind")
+    # refinement off: "auto" cannot skip the network, whatever it finds
+    r = register(pair.fixed, inverted, model=model, initial_alignment="none", refine=0)
+    assert r.network and r.contrast == "different" and r.refine is None
+    with pytest.raises(InputError, match="refinement is the whole registration"):
+        register(pair.fixed, pair.moving, model=model, contrast="different", refine=0)
+    with pytest.raises(InputError, match="unknown contrast"):
+        register(pair.fixed, pair.moving, model=model, contrast="T1")
