@@ -537,9 +537,9 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jacobianRangeValueLabel.text = (f"{qa.get('jacobian_min', float('nan')):.3f} / "
                                                 f"{qa.get('jacobian_max', float('nan')):.3f}")
         self.ui.runValueLabel.text = f"{outputs.modelName or 'model'} on {outputs.device or '?'}, {seconds:.1f} s"
+        method = f" {outputs.method[:1].upper()}{outputs.method[1:]}." if outputs.method else ""
         self.ui.statusLabel.text = (f"Done: '{outputs.transformNode.GetName()}' holds the result; "
-                                    f"the moving volume is shown through it. "
-                                    f"{outputs.method.capitalize()}.")
+                                    f"the moving volume is shown through it.{method}")
 
 
 #

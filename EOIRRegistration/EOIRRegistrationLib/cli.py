@@ -108,6 +108,8 @@ def train_main(argv=None) -> int:
 
 OUTPUT_FILES = ("displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
                 "warped_labels.nii.gz", "affine.tfm", "report.json", "overview.png")
+# Written by earlier versions (the field used to be gzipped): removed with --overwrite too.
+FORMER_OUTPUT_FILES = ("displacement.nii.gz",)
 
 
 def _register_parser() -> argparse.ArgumentParser:
@@ -185,9 +187,11 @@ def check_output_dir(path, overwrite: bool, names=OUTPUT_FILES) -> None:
                          f"this command's files in it ({', '.join(names)})")
 
 
-def write_outputs(out_dir, files: dict) -> None:
+def write_outputs(out_dir, files: dict, replaces=()) -> None:
     """Write every output into a hidden sibling folder, then move each into place: an error
-    while writing leaves the output folder as it was. All but the last entry are written in
+    while writing leaves the output folder as it was. Files named in ``replaces`` but not
+    written this time are then removed, so that a re-run leaves no stale output of an earlier
+    one (e.g. an affine.tfm the new displacement does not contain). All but the last entry are written in
     parallel threads (ITK's NIfTI writer compresses outside the interpreter lock: the four
     volumes of a brain pair take ~1.5 s instead of ~2.3 s); the last one is written after them."""
     from concurrent.futures import ThreadPoolExecutor
@@ -204,6 +208,8 @@ def write_outputs(out_dir, files: dict) -> None:
         out.mkdir(exist_ok=True)
         for name in files:
             os.replace(staging / name, out / name)
+        for name in set(replaces) - set(files):
+            (out / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -333,7 +339,7 @@ def run_registration(args, extra_report: dict | None = None, inputs: dict | None
         with open(p, "w") as f:
             json.dump(report, f, indent=2)
     files["report.json"] = write_report
-    write_outputs(args.output_dir, files)
+    write_outputs(args.output_dir, files, replaces=OUTPUT_FILES + FORMER_OUTPUT_FILES)
     return report
 
 

@@ -223,3 +223,21 @@ def test_inverted_contrast_is_detected_and_reported(tmp_path, capsys):
     assert run([paths["fixed"], paths["moving"], "--output-dir", tmp_path / "none", "--model",
                 model, "--contrast", "different", "--refine", "0", "--quiet"]) == 2
     assert "refinement is the whole registration" in capsys.readouterr().err
+
+
+def test_a_rerun_with_overwrite_leaves_no_stale_output(files, tmp_path):
+    """A first run with an affine start and labels, then one without either, into the same
+    folder: the second run's folder holds only its own files (and the user's)."""
+    out = tmp_path / "out"
+    assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
+                "--moving-labels", files["labels"], "--init", "affine", "--contrast", "same",
+                "--refine", "0", "--quiet", "--no-png"]) == 0
+    assert {"affine.tfm", "warped_labels.nii.gz"} <= {p.name for p in out.iterdir()}
+    (out / "displacement.nii.gz").write_bytes(b"an earlier version's field")
+    (out / "notes.txt").write_text("user data")
+    assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
+                "--init", "none", "--contrast", "same", "--refine", "0", "--quiet", "--no-png",
+                "--overwrite"]) == 0
+    assert {p.name for p in out.iterdir()} == {"displacement.nii", "warped.nii.gz",
+                                               "jacobian.nii.gz", "folding.nii.gz",
+                                               "report.json", "notes.txt"}

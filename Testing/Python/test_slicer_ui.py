@@ -431,3 +431,28 @@ def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_ap
     assert calls[0]["contrast"] == "same"
     assert calls[0]["refine"].iterations == 5 and calls[0]["refine"].time_budget_s == 2.0
     assert calls[0]["refine"].similarity == "mind"
+
+
+def test_results_say_which_contrast_path_ran(module_with_stub_application):
+    import types
+
+    module, scene = module_with_stub_application
+    from EOIRRegistrationLib import slicer_logic
+
+    label = lambda: types.SimpleNamespace(text="")  # noqa: E731
+    widget = object.__new__(module.EOIRRegistrationWidget)
+    widget.ui = types.SimpleNamespace(
+        resultsCollapsibleButton=types.SimpleNamespace(show=lambda: None),
+        foldingValueLabel=label(), sdlogjValueLabel=label(), jacobianRangeValueLabel=label(),
+        runValueLabel=label(), statusLabel=label())
+    node = types.SimpleNamespace(GetName=lambda: "moving-to-fixed")
+    method = "different contrasts (intensity correlation -0.24): MIND-SSC refinement alone, 30 steps"
+    outputs = slicer_logic.RegistrationOutputs(transformNode=node, qa={"folding_percent": 0.0},
+                                               modelName="eoir", device="cpu", method=method)
+    widget._showResults(outputs, 12.0)
+    assert widget.ui.statusLabel.text.endswith(
+        "shown through it. Different contrasts (intensity correlation -0.24): MIND-SSC "
+        "refinement alone, 30 steps.")
+    outputs.method = ""
+    widget._showResults(outputs, 12.0)
+    assert widget.ui.statusLabel.text.endswith("shown through it.")
