@@ -9,15 +9,18 @@ map 14 with a 20 degree rotation and a 15 mm shift written into its header ("seg
 and, when the MNI152 2009a template is at hand (``--template-dir``, or nilearn installed in the
 environment running this script: it ships the files), the template T1 as a moving image
 ("mni152": real intensities on both sides, scored on grey and white matter only, in a table of
-its own; see brain_pairs.py). Without nilearn: ``pip download nilearn --no-deps`` and unzip
+its own; see brain_pairs.py). ``--t2-pairs NN ...`` adds the maps rendered T2-like
+("segNN-t2": two contrasts, white matter dark and CSF bright against the real T1; a table of
+their own; demons, a one-contrast method, is not run on them). Without nilearn: ``pip download nilearn --no-deps`` and unzip
 ``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz`` into a folder.
 
 Methods, each in a fresh child process limited to --threads threads (OMP/MKL/ITK variables and
 the tools' own thread settings), timed inside the child from reading the inputs to writing the
 outputs (imports excluded), peak memory = the child's Linux VmHWM (imports included):
 
-* ours: ``eoir-register FIXED MOVING --model M --device cpu --refine N``, default settings
-  otherwise (``--init auto``: the affine unless already aligned) (run
+* ours: ``eoir-register FIXED MOVING --model M --device cpu [--refine N]``, default settings
+  otherwise (``--init auto``: the affine unless already aligned; ``--contrast auto``: the
+  MIND-SSC refinement alone on two contrasts; no ``--refine`` for the default N) (run
   as ``EOIRRegistrationLib.cli.register_main`` in the child, which is what ``eoir-register`` calls)
   for every model of --models (default: all bundled models) and every N of --refine-iterations
   (default: the engine's default refinement, named "ours:MODEL", and 0, "ours:MODEL (network
@@ -57,7 +60,8 @@ sees this one's packages and point --peer-python at it:
     /tmp/bench-venv/bin/pip install -r requirements-bench.txt
     python benchmarks/bench_brain.py --peer-python /tmp/bench-venv/bin/python \
         [--data /work/shared/data] [--threads 2] [--pairs 14 15 16] [--misaligned 14] \
-        [--methods ours demons elastix ants] [--models NAME ...] [--refine-iterations N ...] \
+        [--t2-pairs 14 15 16] [--methods ours demons elastix ants] [--models NAME ...] \
+        [--refine-iterations N ...] \
         [--results results.json] [--plot accuracy_vs_time.png] [--check] [--downsample F] \
         [--work-dir DIR]
 
@@ -115,9 +119,11 @@ def _write_field(field, path):
 def _child_ours(fixed, moving, out, threads, opts):
     import torch  # noqa: F401  (imports before the clock, as for the other methods)
     from EOIRRegistrationLib import cli, pipeline  # noqa: F401
+    from EOIRRegistrationLib.refine import DEFAULT_ITERATIONS
     argv = [fixed, moving, "--output-dir", str(out), "--model", opts["model"],
-            "--device", "cpu", "--threads", str(threads), "--refine", str(opts["refine"]),
-            "--no-png", "--quiet", "--overwrite"]
+            "--device", "cpu", "--threads", str(threads), "--no-png", "--quiet", "--overwrite"]
+    if opts["refine"] != DEFAULT_ITERATIONS:  # the default: the engine's choice by contrast
+        argv += ["--refine", str(opts["refine"])]
     if opts.get("check"):
         argv += ["--moving-labels", opts["moving_labels"]]
     t0 = time.perf_counter()
@@ -128,7 +134,8 @@ def _child_ours(fixed, moving, out, threads, opts):
     if opts.get("check"):
         os.replace(out / "warped_labels.nii.gz", out / "tool_warped_labels.nii.gz")
     report = json.loads((out / "report.json").read_text())
-    return seconds, {"stages": report.get("seconds", {}), "model": report["model"]["name"]}
+    return seconds, {"stages": report.get("seconds", {}), "model": report["model"]["name"],
+                     "method": report.get("method", "")}
 
 
 def _affine_transform(a):
@@ -499,6 +506,9 @@ def main(argv=None) -> int:
                     help="held-out SynthSeg maps (14-16) used as moving images")
     ap.add_argument("--misaligned", type=int, nargs="*", default=[14],
                     help="maps also used with a 20 degree / 15 mm header misalignment")
+    ap.add_argument("--t2-pairs", type=int, nargs="*", default=[],
+                    help="maps also rendered T2-like (segNN-t2: two contrasts; own table; demons, "
+                         "mono-modal, is not run on them)")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
                     help="methods to (re)run; none: only print the tables (and plot) of --results")
     ap.add_argument("--models", nargs="+", default=None,
@@ -527,14 +537,16 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ENGINE))
     import brain_pairs
     needed = [brain_pairs.T1_PATH, brain_pairs.SEG_PATH] + [
-        brain_pairs.SYNTHSEG_PATH.format(m) for m in sorted(set(args.pairs) | set(args.misaligned))]
+        brain_pairs.SYNTHSEG_PATH.format(m)
+        for m in sorted(set(args.pairs) | set(args.misaligned) | set(args.t2_pairs))]
     missing = [p for p in needed if not (data / p).exists()]
     if missing:
         print(f"bench_brain: error: data folder {data} is missing or incomplete (no "
               f"{', '.join(missing)}); pass --data (see /work/shared/data/MANIFEST.md)",
               file=sys.stderr)
         return 2
-    bad = [m for m in set(args.pairs) | set(args.misaligned) if m not in brain_pairs.HELD_OUT_MAPS]
+    bad = [m for m in set(args.pairs) | set(args.misaligned) | set(args.t2_pairs)
+           if m not in brain_pairs.HELD_OUT_MAPS]
     if bad:
         print(f"bench_brain: error: maps {bad} are training data; use {brain_pairs.HELD_OUT_MAPS}",
               file=sys.stderr)
@@ -570,7 +582,8 @@ def main(argv=None) -> int:
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs visible, {args.threads} "
               f"threads per run, downsample {ds:g} mm, work folder {work}")
         info = brain_pairs.make_pairs(data, work / f"pairs-{ds:g}mm", maps=args.pairs,
-                                      misaligned_maps=args.misaligned, downsample=ds)
+                                      misaligned_maps=args.misaligned,
+                                      t2_maps=args.t2_pairs, downsample=ds)
         print(f"fixed grid {'x'.join(map(str, info['fixed_size']))} voxels "
               f"(1 mm crop: {'x'.join(map(str, info['fixed_size_1mm']))}); pairs "
               f"{', '.join(info['pairs'])}")
@@ -595,6 +608,8 @@ def main(argv=None) -> int:
                      "seconds": math.nan, "peak_gb": math.nan,
                      **score(fixed_labels, moving_labels, None, values)})
             for group, label, opts in _jobs(args):
+                if group == "demons" and pair.endswith("-t2"):
+                    continue  # intensity differences and histogram matching: one contrast only
                 out = work / "runs" / f"{pair}-{ds:g}mm" / label.replace(":", "_")
                 python = args.peer_python if group in ("elastix", "ants") else sys.executable
                 opts = dict(opts, check=args.check, moving_labels=paths["moving_labels"])
@@ -627,10 +642,11 @@ def main(argv=None) -> int:
             print_table([r for r in current if r["pair"] == pair], f"pair {pair} "
                         f"(fixed real T1 {'x'.join(map(str, info['fixed_size']))}, {ds:g} mm)")
         tissue = {p for p, v in info["pairs"].items() if v.get("scoring") == "tissue"}
-        structure_rows = [r for r in current if r["pair"] not in tissue]
+        t2 = {p for p in info["pairs"] if p.endswith("-t2")}
+        structure_rows = [r for r in current if r["pair"] not in tissue | t2]
         n = sorted({r["n_structures"] for r in structure_rows})
         summary = summarise(structure_rows)
-        print_table(summary, f"summary: mean over {len(info['pairs']) - len(tissue)} label-map "
+        print_table(summary, f"summary: mean over {len(info['pairs']) - len(tissue | t2)} label-map "
                              f"pairs ({args.threads} threads; Dice/HD95 over "
                              f"{'/'.join(map(str, n))} structures: the standard 30 less 24 and "
                              "those absent from a label map)")
@@ -638,6 +654,11 @@ def main(argv=None) -> int:
             print_table([r for r in current if r["pair"] == pair],
                         f"template pair {pair}: Dice/HD95 over grey and white matter only "
                         "(not comparable with the structure Dice above)")
+        if t2:
+            print_table(summarise([r for r in current if r["pair"] in t2]),
+                        f"two contrasts: mean over the {len(t2)} T2-like pairs "
+                        f"({', '.join(sorted(t2))}; fixed real T1; Dice/HD95 over the same "
+                        "structures; ours with its default --contrast auto)")
         if args.plot:
             plot(summary, args.plot)
             print(f"plot: {args.plot}")

@@ -10,8 +10,9 @@ each. Needs no data; asserts nothing.
 
 ``--brain``: real anatomy instead (needs the data folder, see MANIFEST.md): the real T1 subject
 as fixed image against the held-out label maps 14-16 of ``brain_pairs.py``, rendered T1-like
-(the benchmark's own moving images) and T2-like (``render_t2_like``: white matter dark, grey
-matter brighter, CSF bright, per-label jitter, fixed seed). Each pair is registered with the
+(the benchmark's own moving images) and T2-like (``brain_pairs.render_t2_like``: white matter
+dark, grey matter brighter, CSF bright, per-label jitter, fixed seed). ``bench_brain.py
+--t2-pairs`` runs the classical peers on the same T2-like pairs. Each pair is registered with the
 defaults (``contrast="auto"``) and with each contrast forced; prints the label Dice over the
 standard structures, the seconds, and what "auto" chose on which correlation.
 
@@ -84,25 +85,6 @@ def main(argv=None) -> int:
     return 0
 
 
-T2_LIKE = {"wm": 50.0, "gm": 80.0, "csf": 180.0}  # relative intensities (T1: WM > GM > CSF)
-
-
-def render_t2_like(labels, seed: int):
-    """T2-like image of a label map: class intensities (``T2_LIKE``; labels in no class get the
-    grey-matter value), each label jittered by up to 10 %, background 0."""
-    import numpy as np
-
-    from brain_pairs import CLASS_CSF, CLASS_WM, EXTRA_CEREBRAL_CSF
-
-    rng = np.random.default_rng(seed)
-    lut = np.full(max(256, int(labels.max()) + 1), T2_LIKE["gm"])
-    lut[list(CLASS_WM)] = T2_LIKE["wm"]
-    lut[list(CLASS_CSF) + [EXTRA_CEREBRAL_CSF]] = T2_LIKE["csf"]
-    lut *= rng.uniform(0.9, 1.1, lut.size)
-    lut[0] = 0.0
-    return lut[labels].astype(np.float32)
-
-
 def brain(args) -> int:
     import time
 
@@ -118,31 +100,30 @@ def brain(args) -> int:
 
     torch.set_num_threads(args.threads)
     model = resolve_model(args.model)
-    pairs = make_pairs(args.data, Path(args.work_dir) / "pairs", misaligned_maps=())
+    pairs = make_pairs(args.data, Path(args.work_dir) / "pairs", misaligned_maps=(),
+                       t2_maps=(14, 15, 16))
     fixed = sitk.ReadImage(pairs["fixed"], sitk.sitkFloat32)
     fl = sitk.GetArrayFromImage(sitk.ReadImage(pairs["fixed_labels"]))
     runs = {"default (auto)": "auto", "--contrast same": "same", "--contrast different": "different"}
     rows = []
-    for k, (name, paths) in enumerate(sorted(pairs["pairs"].items())):
+    for name, paths in sorted(pairs["pairs"].items()):
         labels = sitk.ReadImage(paths["moving_labels"])
         la = sitk.GetArrayFromImage(labels)
         values = [v for v in metrics.STANDARD_30_LABELS
                   if v != 24 and v in set(np.unique(fl)) and v in set(np.unique(la))]
-        t2 = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(render_t2_like(la, k + 1)), 0.5)
-        t2.CopyInformation(labels)
-        for rendering, moving in (("T1-like", sitk.ReadImage(paths["moving"], sitk.sitkFloat32)),
-                                  ("T2-like", t2)):
-            for run, contrast in runs.items():
-                start = time.perf_counter()
-                r = register(fixed, moving, model=model, moving_labels=labels, contrast=contrast)
-                seconds = time.perf_counter() - start
-                dice = metrics.dice(fl, sitk.GetArrayFromImage(r.warped_labels), values)
-                rows.append((rendering, run, name, float(np.nanmean(list(dice.values()))), seconds,
-                             r.method))
-                print(f"  {name} {rendering:<8} {run:<22} Dice {rows[-1][3]:.3f} "
-                      f"{seconds:5.1f} s  {r.method}", flush=True)
-    print(f"model {model.name}; real T1 subject vs held-out label maps, "
-          f"{len(pairs['pairs'])} pairs; mean label Dice / seconds")
+        rendering = "T2-like" if name.endswith("-t2") else "T1-like"
+        moving = sitk.ReadImage(paths["moving"], sitk.sitkFloat32)
+        for run, contrast in runs.items():
+            start = time.perf_counter()
+            r = register(fixed, moving, model=model, moving_labels=labels, contrast=contrast)
+            seconds = time.perf_counter() - start
+            dice = metrics.dice(fl, sitk.GetArrayFromImage(r.warped_labels), values)
+            rows.append((rendering, run, name, float(np.nanmean(list(dice.values()))), seconds,
+                         r.method))
+            print(f"  {name} {rendering:<8} {run:<22} Dice {rows[-1][3]:.3f} "
+                  f"{seconds:5.1f} s  {r.method}", flush=True)
+    print(f"model {model.name}; real T1 subject vs held-out label maps 14-16 rendered T1-like "
+          f"and T2-like; mean label Dice / seconds")
     for rendering in ("T1-like", "T2-like"):
         for run in runs:
             sel = [r for r in rows if r[0] == rendering and r[1] == run]

@@ -12,6 +12,9 @@
   fixed image; its label map (labels >= 500 set to 0) is written next to it.
 * **Misaligned** variant: the same voxels with a 20 degree rotation about an oblique axis through
   the image centre and a 15 mm shift written into the header (origin and direction only).
+* **T2-like** variant ("segNN-t2", optional): the same label map rendered with another contrast
+  (``render_t2_like``: white matter dark, grey matter brighter, CSF bright, each label jittered
+  by up to 10 %, fixed seed, same blur), so fixed and moving differ in contrast as T1 and T2 do.
 
 * **Template** pair ("mni152", optional): the moving image is the real MNI152 2009a T1 template
   (an average of real T1 scans, brain-masked; the files nilearn ships, see ``TEMPLATE_FILES``)
@@ -278,26 +281,46 @@ def _write(image: sitk.Image, path: Path, downsample: float, labels: bool) -> st
     return str(path)
 
 
-def make_pairs(data_dir, out_dir, maps=HELD_OUT_MAPS, misaligned_maps=(14,),
+T2_LIKE = {"wm": 50.0, "gm": 80.0, "csf": 180.0}  # relative intensities (T1: WM > GM > CSF)
+
+
+def render_t2_like(labels: np.ndarray, seed: int, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """T2-like image of a label map: class intensities (``T2_LIKE``; labels in no class get the
+    grey-matter value), each label jittered by up to 10 %, background 0, Gaussian blur of
+    ``BLUR_SIGMA_MM`` (spacing in array order, mm)."""
+    rng = np.random.default_rng(seed)
+    lut = np.full(max(256, int(labels.max()) + 1), T2_LIKE["gm"])
+    lut[list(CLASS_WM)] = T2_LIKE["wm"]
+    lut[list(CLASS_CSF) + [EXTRA_CEREBRAL_CSF]] = T2_LIKE["csf"]
+    lut *= rng.uniform(0.9, 1.1, lut.size)
+    lut[0] = 0.0
+    img = lut[labels].astype(np.float32)
+    return ndimage.gaussian_filter(img, [BLUR_SIGMA_MM / s for s in spacing]).astype(np.float32)
+
+
+def make_pairs(data_dir, out_dir, maps=HELD_OUT_MAPS, misaligned_maps=(14,), t2_maps=(),
                downsample: float = 1.0, log=print) -> dict:
     """Write the fixed image, its labels and every moving image / label map to ``out_dir``.
 
     Returns ``{"fixed": path, "fixed_labels": path, "pairs": {name: {"moving": path,
     "moving_labels": path}}, "fixed_size": (x, y, z)}``; pair names are ``segNN`` and
-    ``segNN-misaligned``. Existing files in ``out_dir`` written by an identical call are reused
+    ``segNN-misaligned`` and ``segNN-t2``. Existing files in ``out_dir`` written by an identical call are reused
     (``pairs.json`` records the call).
     """
     import json
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for m in list(maps) + list(misaligned_maps):
+    for m in list(maps) + list(misaligned_maps) + list(t2_maps):
         if int(m) not in HELD_OUT_MAPS:
             raise ValueError(f"label map {m} is not held out (use {HELD_OUT_MAPS}; 01-13 train)")
     misaligned_maps = [int(m) for m in misaligned_maps]
-    needed = sorted(set(int(m) for m in maps) | set(misaligned_maps))
+    t2_maps = [int(m) for m in t2_maps]
+    needed = sorted(set(int(m) for m in maps) | set(misaligned_maps) | set(t2_maps))
     call = {"maps": sorted(int(m) for m in maps), "misaligned": misaligned_maps,
             "downsample": float(downsample), "version": 1}
+    if t2_maps:  # absent otherwise, so that earlier records stay valid
+        call["t2"] = t2_maps
     record = out_dir / "pairs.json"
     if record.exists():
         old = json.loads(record.read_text())
@@ -337,6 +360,10 @@ def make_pairs(data_dir, out_dir, maps=HELD_OUT_MAPS, misaligned_maps=(14,),
             variants.append((f"seg{m:02d}", img_s, lab_s))
         if m in misaligned_maps:
             variants.append((f"seg{m:02d}-misaligned", misaligned(img_s), misaligned(lab_s)))
+        if m in t2_maps:
+            t2 = sitk.GetImageFromArray(render_t2_like(lab, 2000 + m, spacing))
+            t2.CopyInformation(lab_img)
+            variants.append((f"seg{m:02d}-t2", sitk.RegionOfInterest(t2, size_m, start_m), lab_s))
         for name, im, lb in variants:
             result["pairs"][name] = {
                 "moving": _write(im, out_dir / f"{name}_moving.nii.gz", downsample, False),
