@@ -646,10 +646,11 @@ def main(argv=None) -> int:
         structure_rows = [r for r in current if r["pair"] not in tissue | t2]
         n = sorted({r["n_structures"] for r in structure_rows})
         summary = summarise(structure_rows)
-        print_table(summary, f"summary: mean over {len(info['pairs']) - len(tissue | t2)} label-map "
-                             f"pairs ({args.threads} threads; Dice/HD95 over "
-                             f"{'/'.join(map(str, n))} structures: the standard 30 less 24 and "
-                             "those absent from a label map)")
+        if structure_rows:
+            print_table(summary, f"summary: mean over {len(info['pairs']) - len(tissue | t2)} "
+                        f"label-map pairs ({args.threads} threads; Dice/HD95 over "
+                        f"{'/'.join(map(str, n))} structures: the standard 30 less 24 and "
+                        "those absent from a label map)")
         for pair in sorted(tissue):
             print_table([r for r in current if r["pair"] == pair],
                         f"template pair {pair}: Dice/HD95 over grey and white matter only "
@@ -659,7 +660,7 @@ def main(argv=None) -> int:
                         f"two contrasts: mean over the {len(t2)} T2-like pairs "
                         f"({', '.join(sorted(t2))}; fixed real T1; Dice/HD95 over the same "
                         "structures; ours with its default --contrast auto)")
-        if args.plot:
+        if args.plot and summary:
             plot(summary, args.plot)
             print(f"plot: {args.plot}")
         if check_failures:
