@@ -6,7 +6,9 @@ Geometry at each step (see ``geometry.py`` for the conventions):
    frame: same direction and centre, the model card's spacing, each size padded to the model's
    size multiple (16 for 5 levels). The moving image is read through physical space, so it may
    have any size, spacing, origin and direction.
-2. Intensities are normalised to [0, 1] as the card says (or by a given window).
+2. Intensities are normalised to [0, 1] as the card says (or by a given window). The contrast
+   test (``contrast.py``) runs here, on the working grid: for two contrasts the network is
+   skipped and the refinement (MIND-SSC) registers from the initial alignment.
 3. The network returns a voxel displacement on the working grid (array order). It becomes LPS mm
    on the working grid (``d = direction @ diag(spacing) @ reversed(u)``), then is interpolated
    (linear, border values) onto the fixed image's own grid.
