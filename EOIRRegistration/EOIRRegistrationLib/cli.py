@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .errors import EOIRError
 from .models import ARCHITECTURES
 
@@ -74,6 +75,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv=None) -> int:
     args = _train_parser().parse_args(argv)
+    keep_freed_memory()
     from .metrics import STANDARD_30_LABELS, SYNTHSEG_COMPARABLE_LABELS
     from .training.trainer import TrainConfig, train
     try:
@@ -361,6 +363,7 @@ def _summary(report: dict) -> str:
 
 def register_main(argv=None) -> int:
     args = _register_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         report = run_registration(args)
     except EOIRError as exc:
@@ -412,6 +415,7 @@ def demo_main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    keep_freed_memory()
     import SimpleITK as sitk
 
     from .phantom import displacement_error_mm, make_phantom_pair

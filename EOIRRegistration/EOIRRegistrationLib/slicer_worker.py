@@ -137,6 +137,9 @@ def main(argv=None) -> int:
     if len(argv) != 1:
         print("usage: slicer_worker.py JOBDIR", file=sys.stderr)
         return EXIT_ERROR
+    from EOIRRegistrationLib.allocator import keep_freed_memory
+
+    keep_freed_memory()  # this process exits after its one registration
     return run(argv[0])
 
 

@@ -241,3 +241,26 @@ def test_a_rerun_with_overwrite_leaves_no_stale_output(files, tmp_path):
     assert {p.name for p in out.iterdir()} == {"displacement.nii", "warped.nii.gz",
                                                "jacobian.nii.gz", "folding.nii.gz",
                                                "report.json", "notes.txt"}
+
+
+def test_the_command_line_keeps_freed_memory_on_glibc(files, tmp_path, monkeypatch):
+    """eoir-register sets glibc's allocator so large tensors are not page-faulted in anew
+    (allocator.py); where there is no glibc the settings are skipped, not an error."""
+    import ctypes
+    import sys as system
+
+    from EOIRRegistrationLib import allocator
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert run([files["fixed"], files["moving"], "--output-dir", tmp_path / "o", "--model",
+                files["model"], "--contrast", "same", "--refine", "0", "--quiet",
+                "--no-png"]) == 0
+    assert calls == [1]
+    if system.platform.startswith("linux") and "glibc" in " ".join(
+            __import__("platform").libc_ver()):
+        assert allocator.keep_freed_memory() is True
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.setattr(system, "platform", "darwin")
+    assert allocator.keep_freed_memory() is False
