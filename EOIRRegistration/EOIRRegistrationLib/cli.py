@@ -193,9 +193,9 @@ def write_outputs(out_dir, files: dict, replaces=()) -> None:
     """Write every output into a hidden sibling folder, then move each into place: an error
     while writing leaves the output folder as it was. Files named in ``replaces`` but not
     written this time are then removed, so that a re-run leaves no stale output of an earlier
-    one (e.g. an affine.tfm the new displacement does not contain). All but the last entry are written in
-    parallel threads (ITK's NIfTI writer compresses outside the interpreter lock: the four
-    volumes of a brain pair take ~1.5 s instead of ~2.3 s); the last one is written after them."""
+    one (e.g. an affine.tfm the new displacement does not contain). All but the last entry are
+    written in parallel threads (ITK's NIfTI writer compresses outside the interpreter lock: the
+    four volumes of a brain pair take ~1.5 s instead of ~2.3 s); the last one after them."""
     from concurrent.futures import ThreadPoolExecutor
 
     out = Path(out_dir)

@@ -4,8 +4,8 @@ The bundled models were trained on pairs that share one intensity mapping, and L
 locally linear one; on two contrasts both mislead. On the real T1 subject against held-out label
 maps rendered T2-like (benchmarks/bench_cross_contrast.py --brain): the network with LNCC
 refinement reaches label Dice 0.31, the MIND-SSC refinement alone 0.68 (the same pairs rendered
-T1-like: 0.745 with the network, 0.70 with the MIND-SSC refinement alone). So "different" contrasts run the MIND-SSC refinement without
-the network, and "auto" chooses from the data.
+T1-like: 0.745 with the network, 0.70 with the MIND-SSC refinement alone). So "different"
+contrasts run the MIND-SSC refinement without the network, and "auto" chooses from the data.
 
 The test is the Pearson correlation of the two normalised images (working grid, moving image
 through the initial alignment) over the voxels where *both* have signal, so backgrounds, skull

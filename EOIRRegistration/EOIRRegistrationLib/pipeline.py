@@ -212,7 +212,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     see ``contrast.py``); the result says which and on what figure.
     refine: a RefineConfig or a number of iterations of per-pair optimisation (instance
     optimisation; None or 0 = off). Its fields left None follow the contrast: 10 iterations
-    after the network, 50 without (``refine.DEFAULT_ITERATIONS[_ALONE]``); LNCC for one
+    after the network, 30 without (``refine.DEFAULT_ITERATIONS[_ALONE]``); LNCC for one
     contrast, MIND-SSC for two.
     network: None follows the contrast (on for "same", and whenever the refinement is off);
     False forces the refinement alone (needs refine > 0), True the network.
@@ -229,7 +229,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
                          f"{', '.join(contrast_test.CONTRASTS)}")
     if refine is None and (network is False or (network is None and contrast == "different")):
         raise InputError("without the network the refinement is the whole registration: give "
-                         "it iterations (e.g. 50)")
+                         "it iterations (e.g. 30)")
     check_image(fixed, "fixed image")
     check_image(moving, "moving image")
     if moving_labels is not None:

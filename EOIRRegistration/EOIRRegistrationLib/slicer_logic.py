@@ -309,7 +309,7 @@ class RegistrationOutputs:
     #: linear parent transforms applied) that the engine started from and that the transform
     #: contains; None when the engine did not report one.
     initialMatrix: Optional[np.ndarray] = None
-    #: what ran, e.g. "different contrasts (auto, intensity correlation -0.24): MIND-SSC
+    #: what ran, e.g. "different contrasts (intensity correlation -0.24): MIND-SSC
     #: refinement alone, 30 steps"
     method: str = ""
 
@@ -323,7 +323,8 @@ class RegistrationOutputs:
 
     def summary(self) -> str:
         qa = self.qa
-        return (f"{self.method + '; ' if self.method else ''}folding {qa.get('folding_percent', float('nan')):.3f} % of voxels, "
+        method = f"{self.method}; " if self.method else ""
+        return (f"{method}folding {qa.get('folding_percent', float('nan')):.3f} % of voxels, "
                 f"SDlogJ {qa.get('sdlogj', float('nan')):.3f}, det(J) in "
                 f"[{qa.get('jacobian_min', float('nan')):.3f}, "
                 f"{qa.get('jacobian_max', float('nan')):.3f}]")
@@ -664,7 +665,7 @@ class RegistrationLogic:
         :param contrast: "auto" (default: decided from the volumes after the initial
             alignment), "same" (one contrast: the network, then LNCC refinement) or "different"
             (two contrasts such as T1 and T2: the MIND-SSC refinement alone, as the bundled
-            models are single-contrast). The outputs say which ran (``contrast``).
+            models are single-contrast). The outputs say which ran (``method``).
         :param refineIterations: per-pair refinement (instance optimisation) steps; None or
             negative = the default (10 after the network, 30 without it), 0 = off.
         :param refineSeconds: time budget of the refinement in seconds, 0 = no limit.
