@@ -138,8 +138,10 @@ def image_to_tensor(image: sitk.Image, dtype=torch.float32) -> torch.Tensor:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("expected a scalar image, got "
                          f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
-    arr = sitk.GetArrayViewFromImage(image)
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)).to(dtype)[None, None]
+    # np.array copies: the tensor must not alias the image's buffer (a float64 image would
+    # otherwise be shared, and freed with the image).
+    arr = np.array(sitk.GetArrayViewFromImage(image), dtype=np.float64)
+    return torch.from_numpy(arr).to(dtype)[None, None]
 
 
 def tensor_to_image(array: torch.Tensor | np.ndarray, grid: Grid,

@@ -10,7 +10,9 @@ from .geometry import Grid
 
 
 def _slice(image: sitk.Image, k: int) -> np.ndarray:
-    return sitk.GetArrayViewFromImage(image)[k]
+    # A copy: a view would point into the buffer of ``image``, which may be a temporary (the
+    # moving image resampled for display) freed as soon as this returns.
+    return sitk.GetArrayViewFromImage(image)[k].copy()
 
 
 def _moving_on_fixed_grid(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:

@@ -84,3 +84,17 @@ def test_displacement_image_round_trip_keeps_values_and_geometry():
     back, back_grid = geometry.displacement_from_image(geometry.displacement_to_image(d, grid))
     assert torch.equal(back, d)
     assert back_grid == grid
+
+
+def test_arrays_taken_from_images_do_not_alias_their_buffers():
+    """A tensor or slice that shared an image's buffer would read freed memory once the image
+    (often a temporary) is gone; the overview's moving slice did, and showed garbage."""
+    from EOIRRegistrationLib import overview
+
+    img = sitk.GetImageFromArray(np.arange(24, dtype=np.float64).reshape(2, 3, 4))
+    t = geometry.image_to_tensor(img, torch.float64)
+    t += 100.0
+    assert sitk.GetArrayViewFromImage(img)[0, 0, 0] == 0.0  # the image is untouched
+    s = overview._slice(img, 1)
+    assert s.base is None and s.flags.owndata
+    np.testing.assert_array_equal(s, np.arange(12, 24).reshape(3, 4))
