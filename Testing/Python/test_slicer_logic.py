@@ -1129,4 +1129,8 @@ def test_real_engine_alignment_and_refinement_in_the_worker_process(scene, zero_
         out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)), expected,
         atol=1e-9)
     assert moving.GetParentTransformNode() is out.transformNode
+    # the worker reports which contrast path ran; the outputs and their summary carry it
+    assert out.method.startswith("same contrast (intensity correlation ")
+    assert out.method.endswith("network + LNCC refinement, 3 steps")
+    assert out.summary().startswith(out.method + "; folding")
     assert list(tmp_path.iterdir()) == []
