@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - older layouts
 LOAD_MODEL_FILE = "__load_model_file__"
 #: refineIterations value meaning "the engine's default" (10 steps after the network, 30 without;
 #: ``refine.DEFAULT_ITERATIONS[_ALONE]``); shown as "default" in the panel
-DEFAULT_REFINE_ITERATIONS = -1
+ENGINE_DEFAULT_REFINE_ITERATIONS = -1
 DEVICE_LABELS = {"auto": "Auto (GPU if available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
 #: initial alignment choices (the engine's method names) and their labels in the panel
 INITIAL_ALIGNMENT_LABELS = {
@@ -177,7 +177,7 @@ class EOIRRegistrationParameterNode:
     movingWindowMax: float = 1000.0
     initialAlignment: Annotated[str, Choice(["auto", "none", "com", "rigid", "affine"])] = "auto"
     contrast: Annotated[str, Choice(["auto", "same", "different"])] = "auto"
-    refineIterations: Annotated[int, WithinRange(-1, 1000)] = DEFAULT_REFINE_ITERATIONS
+    refineIterations: Annotated[int, WithinRange(-1, 1000)] = ENGINE_DEFAULT_REFINE_ITERATIONS
     refineSeconds: Annotated[float, WithinRange(0.0, 3600.0)] = 0.0
     refineSimilarity: Annotated[str, Choice(["auto", "lncc", "mind"])] = "auto"
 

@@ -72,11 +72,6 @@ INITIAL_ALIGNMENTS = ("auto", "none", "com", "rigid", "affine")
 #: Attribute of the output transform holding the engine's initial matrix (see createOutputs).
 INITIAL_MATRIX_ATTRIBUTE = "EOIRRegistration.initial_matrix_lps"
 MAX_REFINE_ITERATIONS = 1000
-#: = ``refine.DEFAULT_ITERATIONS`` and ``refine.DEFAULT_ITERATIONS_ALONE``: the refinement's
-#: default steps after the network and without it (this module imports no torch; a test checks
-#: they agree). ``refineIterations=None`` (or negative) selects them.
-DEFAULT_REFINE_ITERATIONS = 10
-DEFAULT_REFINE_ITERATIONS_ALONE = 30
 #: Refinement similarities of the engine (``refine.SIMILARITIES``): LNCC for one contrast,
 #: MIND-SSC descriptors for two. None ("auto") follows the contrast.
 REFINE_SIMILARITIES = ("lncc", "mind")

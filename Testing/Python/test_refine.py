@@ -90,20 +90,20 @@ def test_the_default_refinement_improves_a_deformed_pair_in_a_few_steps():
 
 
 def test_every_front_end_uses_the_engines_default_refinement():
-    """The CLI and the Slicer logic repeat the default so that they need not import torch."""
+    """The CLI repeats the defaults for its --help (no torch import); the CLI, the Slicer logic
+    and its worker leave the choice to the engine."""
     import inspect
 
     from EOIRRegistrationLib import cli, pipeline, refine, slicer_logic, slicer_worker
 
     assert cli.DEFAULT_REFINE_ITERATIONS == refine.DEFAULT_ITERATIONS
-    assert slicer_logic.DEFAULT_REFINE_ITERATIONS == refine.DEFAULT_ITERATIONS
     assert cli.DEFAULT_REFINE_ITERATIONS_ALONE == refine.DEFAULT_ITERATIONS_ALONE
-    assert slicer_logic.DEFAULT_REFINE_ITERATIONS_ALONE == refine.DEFAULT_ITERATIONS_ALONE
     # every front end leaves the steps and the similarity to the engine, which picks them by
     # contrast: 10 LNCC steps after the network, 30 MIND-SSC steps without it
     assert cli._register_parser().parse_args(["f", "m", "--output-dir", "o"]).refine is None
     assert inspect.signature(pipeline.register).parameters["refine"].default == RefineConfig()
     assert slicer_worker._refine({}) == RefineConfig()
+    assert slicer_logic.checkEngineOptions() == ("auto", None, 0.0, None, None, "auto")
     assert slicer_worker._refine({"refine_iterations": 0}) is None
     assert RefineConfig().resolved(after_network=True, same_contrast=True) == RefineConfig(
         iterations=refine.DEFAULT_ITERATIONS, similarity="lncc")

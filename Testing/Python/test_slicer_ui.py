@@ -356,8 +356,8 @@ def test_initial_alignment_and_refinement_widgets(ui_tree, widgets, module_ast):
     assert float(text(props["minimum"])) == 0.0 and float(text(props["value"])) == 0.0
     assert text(props["specialValueText"]) == "no limit"
     assert source.split("refineIterations: ")[1].splitlines()[0].endswith(
-        "= DEFAULT_REFINE_ITERATIONS")
-    assert "DEFAULT_REFINE_ITERATIONS = -1\n" in source
+        "= ENGINE_DEFAULT_REFINE_ITERATIONS")
+    assert "ENGINE_DEFAULT_REFINE_ITERATIONS = -1\n" in source
     assert slicer_logic.checkEngineOptions(refineIterations=-1)[1] is None  # engine's default
     assert "= 0.0" in source.split("refineSeconds: ")[1].splitlines()[0]
     # Advanced: the contrast choice (automatic by default, like the engine), in the engine's order
