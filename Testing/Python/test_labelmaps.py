@@ -134,3 +134,72 @@ def test_dice_only_training_on_label_maps_runs(folder, tmp_path):
                            "--dice-weight", "1", "--iterations", "2", "--validate-every", "2",
                            "--validation-pairs", "1", "--threads", "1"]) == 0
     assert (out / "model.pt").exists()
+
+
+def _teacher_file(path, spacing=2.0, seed=0):
+    """A small EOIR whose output layers are scaled up so that it predicts a clearly nonzero
+    displacement: a teacher worth imitating."""
+    from EOIRRegistrationLib.models import build_model
+    torch.manual_seed(seed)
+    teacher = build_model("eoir", {"channels": 4, "levels": 3})
+    with torch.no_grad():
+        for est in teacher.estimators:
+            torch.nn.init.normal_(est.out.weight, std=0.05)
+    modelfile.save_model(path, teacher, {"name": "teacher", "working_spacing_mm": [spacing] * 3})
+    return path
+
+
+def test_distillation_term_is_the_mean_squared_gap_to_the_teacher(folder):
+    from EOIRRegistrationLib.models import build_model
+    from EOIRRegistrationLib.training.objectives import ObjectiveConfig, eoir_objective
+    src = LabelMapSource(folder, shape=(16, 16, 16), spacing=2.0)
+    pair = src.sample(torch.Generator().manual_seed(5))
+    model = build_model("eoir", {"channels": 4, "levels": 3})
+    target = torch.randn(1, 3, 16, 16, 16)
+    cfg = ObjectiveConfig(similarity="none", regularization_weight=0.0, distill_weight=2.0)
+    terms = eoir_objective(model, pair["fixed"], pair["moving"], cfg, teacher_displacement=target)
+    u = model(pair["fixed"], pair["moving"])
+    expected = 2.0 * ((u - target) ** 2).sum(dim=1).mean()
+    assert torch.allclose(terms.total, expected, rtol=1e-5)
+    off = eoir_objective(model, pair["fixed"], pair["moving"],
+                         ObjectiveConfig(similarity="none", regularization_weight=0.0),
+                         teacher_displacement=target)
+    assert off.total.item() == 0.0  # weight 0: no distillation
+
+
+def test_distillation_pulls_the_student_towards_the_teacher_on_two_contrasts(folder, tmp_path):
+    teacher = modelfile.load_model(_teacher_file(tmp_path / "teacher.pt"))
+    src = LabelMapSource(folder, shape=(16, 16, 16), spacing=2.0)
+    probe = src.sample(torch.Generator().manual_seed(11))  # two independent contrasts
+    with torch.no_grad():
+        target = teacher.model(probe["fixed"], probe["moving_similarity"])
+
+    def gap(path):
+        student = modelfile.load_model(path).model
+        with torch.no_grad():
+            return ((student(probe["fixed"], probe["moving"]) - target) ** 2).sum(1).mean().item()
+
+    common = ["--data", f"labelmaps:{folder}", "--channels", "4", "--levels", "3",
+              "--shape", "16", "16", "16", "--working-spacing", "2", "2", "2",
+              "--similarity", "none", "--reg-weight", "0", "--lr", "3e-3",
+              "--validate-every", "1000", "--validation-pairs", "1", "--threads", "1",
+              "--distill-from", str(tmp_path / "teacher.pt")]
+    before, after = tmp_path / "before", tmp_path / "after"
+    assert cli.train_main(["--output-dir", str(before), *common, "--iterations", "0"]) == 0
+    assert cli.train_main(["--output-dir", str(after), *common, "--iterations", "40"]) == 0
+    assert gap(after / "model.pt") < 0.6 * gap(before / "model.pt")
+    card = modelfile.load_model(after / "model.pt").card
+    assert card["training_config"]["distill_from"] == str(tmp_path / "teacher.pt")
+    assert card["objective"]["distill_weight"] == 1.0
+
+
+def test_distillation_refuses_sources_and_teachers_it_cannot_use(folder, tmp_path, capsys):
+    teacher = str(_teacher_file(tmp_path / "teacher.pt"))
+    base = ["--channels", "4", "--levels", "3", "--shape", "16", "16", "16", "--iterations", "0",
+            "--validation-pairs", "1", "--threads", "1", "--distill-from"]
+    assert cli.train_main(["--output-dir", str(tmp_path / "a"), *base, teacher]) == 2
+    assert "needs labelmaps: data" in capsys.readouterr().err
+    coarse = str(_teacher_file(tmp_path / "coarse.pt", spacing=3.0))
+    assert cli.train_main(["--output-dir", str(tmp_path / "b"), "--data", f"labelmaps:{folder}",
+                           "--working-spacing", "2", "2", "2", *base, coarse]) == 2
+    assert "teacher works at [3.0, 3.0, 3.0] mm" in capsys.readouterr().err

@@ -58,6 +58,8 @@ def centroid_affine(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 class LabelMapSource:
+    renders_moving_in_fixed_contrast = True  # pairs carry ``moving_similarity`` (see sample)
+
     def __init__(self, folder, shape=(80, 96, 80), spacing=2.0, skull_strip_probability=0.5,
                  max_rotation_deg=6.0, max_scaling=0.05, max_shift_vox=3.0,
                  synthetic: SyntheticConfig | None = None, max_maps: int | None = None,

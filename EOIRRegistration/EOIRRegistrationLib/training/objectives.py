@@ -3,7 +3,11 @@
 EOIR: at every pyramid level l (0 = finest) with weight 1/2^l, similarity between the fixed image
 blurred (sigma 1 voxel) and halved l times and the equally reduced moving image warped by that
 level's composed displacement, plus a diffusion penalty on the level's velocity, plus an optional
-soft Dice on one-hot label maps average-pooled to that level.
+soft Dice on one-hot label maps average-pooled to that level, plus an optional distillation
+term: the squared distance (voxels^2, mean over voxels) between the final displacement and a
+teacher model's displacement for the same anatomy seen in one contrast. Distilling a one-contrast
+teacher on pairs of two contrasts teaches the student to register two contrasts as the teacher
+registers one (contrast invariance), without moving its one-contrast behaviour.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ class ObjectiveConfig:
     regularization_weight: float = 1.0
     dice_weight: float = 0.0            # needs label maps
     label_values: tuple = ()            # labels for the Dice term (empty: all nonzero in fixed)
+    distill_weight: float = 0.0         # needs a teacher (TrainConfig.distill_from)
 
     def to_dict(self):
         d = asdict(self)
@@ -52,10 +57,13 @@ class _Pyramid:
 
 
 def eoir_objective(model, fixed, moving, cfg: ObjectiveConfig, fixed_labels=None,
-                   moving_labels=None, moving_similarity=None) -> losses.LossTerms:
+                   moving_labels=None, moving_similarity=None,
+                   teacher_displacement=None) -> losses.LossTerms:
     """``moving_similarity``: optional image on the moving grid compared with the fixed image in
     place of ``moving`` (e.g. the moving anatomy rendered in the fixed image's contrast, so that
-    LNCC stays meaningful when the network's two inputs have different contrasts)."""
+    LNCC stays meaningful when the network's two inputs have different contrasts).
+    ``teacher_displacement``: (B, 3, D, H, W) voxel displacement the final output is pulled
+    towards with ``cfg.distill_weight`` (added to the similarity term)."""
     outputs = model.pyramid_outputs(fixed, moving)
     axes = model.cfg.pyramid_axes
     use_dice = cfg.dice_weight > 0 and fixed_labels is not None and moving_labels is not None
@@ -88,6 +96,9 @@ def eoir_objective(model, fixed, moving, cfg: ObjectiveConfig, fixed_labels=None
         if out.velocity is not None:
             reg = losses.diffusion_loss(out.velocity, penalty=cfg.regularization)
             reg_total = reg_total + weight * cfg.regularization_weight * reg
+    if cfg.distill_weight > 0 and teacher_displacement is not None:
+        gap = outputs[-1].displacement - teacher_displacement
+        sim_total = sim_total + cfg.distill_weight * gap.pow(2).sum(dim=1).mean()
     return losses.LossTerms(sim_total, reg_total, sim_total + reg_total)
 
 

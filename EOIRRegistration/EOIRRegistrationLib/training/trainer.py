@@ -44,6 +44,9 @@ class TrainConfig:
     synthetic: dict = field(default_factory=dict)   # SyntheticConfig overrides
     source_options: dict = field(default_factory=dict)  # LabelMapSource options (labelmaps: data)
     init_from: str | None = None  # model file or bundled name to start from (fine-tuning)
+    # Teacher for contrast distillation (labelmaps: data): its displacement for the moving anatomy
+    # rendered in the fixed image's contrast is the target (ObjectiveConfig.distill_weight).
+    distill_from: str | None = None
     objective: dict = field(default_factory=dict)   # ObjectiveConfig overrides
     iterations: int = 2000
     learning_rate: float = 1e-4
@@ -165,6 +168,29 @@ def _load_initial_weights(model, cfg: TrainConfig) -> None:
     model.load_state_dict(start.model.state_dict())
 
 
+def _load_teacher(cfg: TrainConfig, source, device):
+    """The frozen teacher model of contrast distillation, or None."""
+    if not cfg.distill_from:
+        return None
+    from ..modelfile import resolve_model
+    if not getattr(source, "renders_moving_in_fixed_contrast", False):
+        raise InputError("--distill-from needs labelmaps: data (the teacher sees the moving "
+                         "anatomy rendered in the fixed image's contrast)")
+    if cfg.architecture != "eoir":
+        raise InputError("--distill-from: distillation is implemented for EOIR training")
+    teacher = resolve_model(cfg.distill_from)
+    spacing = list(teacher.working_spacing)
+    if spacing != [float(s) for s in cfg.working_spacing_mm]:
+        raise InputError(f"--distill-from {cfg.distill_from}: the teacher works at {spacing} mm, "
+                         f"this run at {list(cfg.working_spacing_mm)} mm")
+    if ObjectiveConfig(**cfg.objective).distill_weight <= 0:
+        raise InputError("--distill-from needs a positive --distill-weight")
+    model = teacher.model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
           stream=sys.stderr) -> Path:
     """Run training; returns the path of the final model file."""
@@ -203,6 +229,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(LOG_FIELDS)
     source = make_source(cfg)
+    teacher = _load_teacher(cfg, source, device)
     val_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
     val_pairs = [source.sample(val_gen) for _ in range(cfg.validation_pairs)]
     print(f"training {cfg.architecture} {cfg.model_config} on {source.describe()}, device {device}, "
@@ -226,6 +253,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         pair = _to(source.sample(gen), device)
         # Sources with a separate similarity target (label maps) pass it on.
         extra = {k: pair[k] for k in ("moving_similarity",) if k in pair}
+        if teacher is not None:
+            with torch.no_grad():
+                extra["teacher_displacement"] = teacher(pair["fixed"], pair["moving_similarity"])
         terms = objective(model, pair["fixed"], pair["moving"], obj_cfg,
                           pair.get("fixed_labels"), pair.get("moving_labels"), **extra)
         if not torch.isfinite(terms.total):
