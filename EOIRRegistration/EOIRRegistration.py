@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - older layouts
     vtkMRMLSegmentationNode = slicer.vtkMRMLSegmentationNode
 
 LOAD_MODEL_FILE = "__load_model_file__"
-#: refineIterations value meaning "the engine's default" (10 steps after the network, 30 without;
+#: refineIterations value meaning "the engine's default" (10 steps after the network, 40 without;
 #: ``refine.DEFAULT_ITERATIONS[_ALONE]``); shown as "default" in the panel
 ENGINE_DEFAULT_REFINE_ITERATIONS = -1
 DEVICE_LABELS = {"auto": "Auto (GPU if available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
@@ -77,7 +77,7 @@ CONTRAST_TIPS = {
     "same": "One contrast (e.g. two T1 scans): the model's network, then LNCC refinement "
             "(a few seconds).",
     "different": "Two contrasts (T1 and T2, MR and CT): the bundled models are single-contrast, "
-                 "so the MIND-SSC refinement alone registers (about 12 s for a brain on a CPU).",
+                 "so the MIND-SSC refinement alone registers (about 8 s for a brain on a CPU).",
 }
 
 
@@ -110,7 +110,7 @@ default 10 after the network, about 1.5 s for a brain on a CPU; 0 = the network 
 The bundled models were trained on one contrast. <i>Contrasts</i> (Advanced) says whether the
 two volumes share one: <i>Automatic</i> (the default) decides from their intensity correlation
 after the initial alignment; for different contrasts (T1 and T2, MR and CT) the network is
-skipped and a MIND-SSC refinement alone registers (30 steps, about 12 s for a brain). The
+skipped and a MIND-SSC refinement alone registers (40 steps, about 8 s for a brain). The
 status line after a run says which path ran.
 </p>
 <p><b>Outputs:</b> a grid (displacement-field) transform, by default a new one named after the

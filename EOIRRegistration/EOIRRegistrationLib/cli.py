@@ -18,7 +18,7 @@ from .models import ARCHITECTURES
 # = refine.DEFAULT_ITERATIONS[_ALONE] (repeated so that --help does not import torch; a test
 # checks them).
 DEFAULT_REFINE_ITERATIONS = 10
-DEFAULT_REFINE_ITERATIONS_ALONE = 30
+DEFAULT_REFINE_ITERATIONS_ALONE = 40
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -58,6 +58,14 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="MODEL",
                    help="start from this model's weights (bundled name or file; same architecture "
                         "and configuration): fine-tuning")
+    p.add_argument("--distill-from", metavar="MODEL",
+                   help="contrast distillation (labelmaps: data, EOIR): the trained model learns to "
+                        "reproduce this model's displacement for the same anatomy in one contrast "
+                        "while it sees two contrasts; bundled name or file at the same working "
+                        "spacing")
+    p.add_argument("--distill-weight", type=float, default=1.0,
+                   help="weight of the distillation term (squared voxel distance to the teacher's "
+                        "displacement); used with --distill-from")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--validate-every", type=int, default=250)
     p.add_argument("--validation-pairs", type=int, default=4)
@@ -92,8 +100,10 @@ def train_main(argv=None) -> int:
             output_dir=args.output_dir, architecture=args.model, model_config=model_config,
             data=args.data, shape=tuple(args.shape), working_spacing_mm=tuple(args.working_spacing),
             objective={"similarity": args.similarity, "regularization_weight": args.reg_weight,
-                       "dice_weight": args.dice_weight, "label_values": label_values},
+                       "dice_weight": args.dice_weight, "label_values": label_values,
+                       "distill_weight": args.distill_weight if args.distill_from else 0.0},
             source_options=json.loads(args.data_options), init_from=args.init_from,
+            distill_from=args.distill_from,
             iterations=args.iterations, learning_rate=args.lr, poly_decay=args.poly_decay,
             checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
             validation_pairs=args.validation_pairs, log_every=args.log_every, seed=args.seed, device=args.device,
@@ -147,7 +157,7 @@ def _register_parser() -> argparse.ArgumentParser:
                    help="per-pair optimisation iterations (default "
                         f"{DEFAULT_REFINE_ITERATIONS} after the network, about 1.5 s for a brain "
                         f"on 2 CPU threads; {DEFAULT_REFINE_ITERATIONS_ALONE} without it, about "
-                        "11 s; 0 = off)")
+                        "5 s; 0 = off)")
     p.add_argument("--no-network", action="store_true",
                    help="skip the network whatever the contrast: the refinement alone, from the "
                         "initial alignment (needs refinement)")
@@ -289,7 +299,8 @@ def run_registration(args, extra_report: dict | None = None, inputs: dict | None
         "network": result.network,
         "refinement": (None if result.refine is None else
                        {"iterations": result.refine.iterations,
-                        "similarity": result.refine.similarity}),
+                        "similarity": result.refine.similarity,
+                        "sample_fraction": result.refine.sample_fraction}),
         "initial_alignment": result.initial_alignment,
         "initial_matrix_lps": result.initial_matrix.tolist(),
         "quality": result.qa,

@@ -20,7 +20,7 @@ import torch
 CONTRASTS = ("auto", "same", "different")
 SIGNAL_FLOOR = 0.05  # normalised intensity [0, 1] above which a voxel counts as signal
 # The errors cost unequally: two contrasts taken for one cost 0.2-0.4 Dice (the network
-# misleads), one taken for two about 0.04 (0.745 -> 0.704 on the T1-like pairs) and 7 s. So the
+# misleads), one taken for two about 0.04 (0.745 -> 0.705 on the T1-like pairs) and 2 s. So the
 # line sits nearer the same-contrast side: below the lowest same-contrast figures measured
 # (0.51 brains, 0.50 phantoms with large deformations), above random contrasts that the network
 # still got wrong (0.36-0.40: Dice 0.45 against 0.68 for MIND-SSC alone).

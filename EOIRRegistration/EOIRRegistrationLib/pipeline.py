@@ -61,7 +61,7 @@ class RegistrationResult:
     @property
     def method(self) -> str:
         """One line: which contrast path ran and why, e.g. "different contrasts (intensity
-        correlation -0.24): MIND-SSC refinement alone, 30 steps"."""
+        correlation -0.24): MIND-SSC refinement alone, 40 steps"."""
         r = self.contrast_correlation
         why = "" if np.isnan(r) else f" (intensity correlation {r:.2f})"
         steps = ("no refinement" if self.refine is None else
@@ -212,7 +212,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     see ``contrast.py``); the result says which and on what figure.
     refine: a RefineConfig or a number of iterations of per-pair optimisation (instance
     optimisation; None or 0 = off). Its fields left None follow the contrast: 10 iterations
-    after the network, 30 without (``refine.DEFAULT_ITERATIONS[_ALONE]``); LNCC for one
+    after the network, 40 without (``refine.DEFAULT_ITERATIONS[_ALONE]``); LNCC for one
     contrast, MIND-SSC for two.
     network: None follows the contrast (on for "same", and whenever the refinement is off);
     False forces the refinement alone (needs refine > 0), True the network.

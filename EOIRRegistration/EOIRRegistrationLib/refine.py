@@ -3,7 +3,7 @@
 Optimises a stationary velocity ``v`` on a grid ``1 / downsample`` of the working grid (Adam,
 learning rate decaying along a cosine to 10 %, on a similarity + diffusion of ``v``; the
 similarity is LNCC for one modality, or the mean squared difference of MIND-SSC descriptors for
-two), integrates it by scaling and squaring, and composes the resulting
+two, evaluated at a fresh random tenth of the voxels each step), integrates it by scaling and squaring, and composes the resulting
 residual map with the starting displacement: ``u = u_init o (id + exp(v))`` — a composition of
 diffeomorphisms, so a fold-free start stays fold-free up to discretisation. Works in the spatial
 core's voxel convention on the working grid.
@@ -29,9 +29,16 @@ DEFAULT_REGULARIZATION = {"lncc": 0.5, "mind": 0.2}
 # 1.6 s on 2 CPU threads; more steps changed nothing there.
 DEFAULT_ITERATIONS = 10
 # Without the network (two contrasts) the refinement starts from the initial alignment and has
-# the whole deformation to find: T1 against T2-like brains, MIND-SSC, Dice 0.62 / 0.67 / 0.678 /
-# 0.683 / 0.683 after 10 / 20 / 30 / 50 / 100 steps (30: about 11 s on 2 CPU threads).
-DEFAULT_ITERATIONS_ALONE = 30
+# the whole deformation to find: T1 against T2-like brains, MIND-SSC at every voxel, Dice 0.62 /
+# 0.67 / 0.678 / 0.683 / 0.683 after 10 / 20 / 30 / 50 / 100 steps (30: about 9 s on 2 CPU
+# threads); at a tenth of the voxels per step (SAMPLE_FRACTION) 0.672 / 0.679 / 0.683 after
+# 30 / 40 / 60 steps, 40 taking about 4.5 s.
+DEFAULT_ITERATIONS_ALONE = 40
+# MIND-SSC: most of a dense step is warping 12 descriptor channels over the whole grid (and
+# back); evaluating the similarity at a random tenth of the voxels, drawn afresh each step
+# (stochastic gradients, as elastix's random sampler), cut 30 steps on a brain from 8.8 s to
+# 3.4 s for Dice 0.680 -> 0.672, won back by 40 steps (0.679).
+SAMPLE_FRACTION = 0.1
 
 
 class Adam:
@@ -65,16 +72,34 @@ class RefineConfig:
     window: int = 7                  # LNCC box window, working-grid voxels
     downsample: int = 2              # velocity grid = working grid / this (1 = full)
     integration_steps: int = 5       # 2^5 scaling: residual velocities stay within a few voxels
+    # MIND-SSC only: fraction of the working-grid voxels at which the similarity is evaluated,
+    # a fresh (seeded, reproducible) random draw each step; 1 = every voxel (LNCC's box sums need
+    # them all). None: SAMPLE_FRACTION for MIND-SSC, 1 for LNCC.
+    sample_fraction: float | None = None
     time_budget_s: float | None = None  # stop early when exceeded
 
     def resolved(self, after_network: bool = True, same_contrast: bool = True) -> RefineConfig:
         """A copy with the pipeline's choices in place of None."""
+        similarity = (self.similarity if self.similarity is not None
+                      else "lncc" if same_contrast else "mind")
         return replace(
             self,
             iterations=(self.iterations if self.iterations is not None
                         else DEFAULT_ITERATIONS if after_network else DEFAULT_ITERATIONS_ALONE),
-            similarity=(self.similarity if self.similarity is not None
-                        else "lncc" if same_contrast else "mind"))
+            similarity=similarity,
+            sample_fraction=(self.sample_fraction if self.sample_fraction is not None
+                             else SAMPLE_FRACTION if similarity == "mind" else 1.0))
+
+
+def _residual_at(v: torch.Tensor, points: torch.Tensor, shape, steps: int) -> torch.Tensor:
+    """``resize_displacement(integrate_velocity(v, steps), shape)`` at full-grid voxel ``points``
+    (3, N) only: (1, 3, N) in full-grid voxels. Cell-centred like F.interpolate(align_corners=
+    False), whose clamping at the border is grid_sample's "border" padding."""
+    disp = spatial.integrate_velocity(v, steps)
+    ratio = torch.tensor([c / s for c, s in zip(disp.shape[2:], shape)], dtype=v.dtype,
+                         device=v.device).view(3, 1)
+    coarse = ((points + 0.5) * ratio - 0.5).view(1, 3, -1, 1, 1)
+    return spatial.sample(disp, coarse, padding="border").view(1, 3, -1) / ratio.view(1, 3, 1)
 
 
 def refine_displacement(fixed: torch.Tensor, moving: torch.Tensor,
@@ -112,13 +137,36 @@ def refine_displacement(fixed: torch.Tensor, moving: torch.Tensor,
         return spatial.resize_displacement(spatial.integrate_velocity(v_, cfg.integration_steps),
                                            shape)
 
+    fraction = cfg.sample_fraction
+    if not 0 < fraction <= 1:
+        raise ValueError(f"sample_fraction must be in (0, 1], got {fraction}")
+    if fraction < 1 and cfg.similarity != "mind":
+        raise ValueError("sample_fraction < 1 needs the MIND-SSC similarity (LNCC's local sums "
+                         "need every voxel)")
+    sampled = fraction < 1
+    if sampled:
+        voxels = math.prod(shape)
+        count = max(1, int(round(fraction * voxels)))
+        draws = torch.Generator().manual_seed(0)  # the same run gives the same field
+        grid = spatial.identity_grid(shape, fixed.device, fixed.dtype).view(3, -1)
+        fixed_flat, moving_s = fixed_s.flatten(2), moving_s.detach()
+
+    def loss_of(v_):
+        if not sampled:
+            return similarity(spatial.warp(moving_s, residual(v_)))
+        # sorted: neighbouring points read neighbouring memory
+        idx = torch.randperm(voxels, generator=draws)[:count].sort().values.to(fixed.device)
+        points = grid[:, idx]
+        moved = points.unsqueeze(0) + _residual_at(v_, points, shape, cfg.integration_steps)
+        warped = spatial.sample(moving_s, moved.view(1, 3, -1, 1, 1)).flatten(2)
+        return (warped - fixed_flat[:, :, idx]).pow(2).mean()
+
     for it in range(cfg.iterations):
         if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
             break
         if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
             break
-        warped = spatial.warp(moving_s, residual(v))
-        loss = similarity(warped) + reg_weight * losses.diffusion_loss(v)
+        loss = loss_of(v) + reg_weight * losses.diffusion_loss(v)
         v.grad = None
         loss.backward()
         # cosine decay to 10 %: the early steps move, the late ones settle

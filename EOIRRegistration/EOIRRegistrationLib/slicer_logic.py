@@ -305,7 +305,7 @@ class RegistrationOutputs:
     #: contains; None when the engine did not report one.
     initialMatrix: Optional[np.ndarray] = None
     #: what ran, e.g. "different contrasts (intensity correlation -0.24): MIND-SSC
-    #: refinement alone, 30 steps"
+    #: refinement alone, 40 steps"
     method: str = ""
 
     @property
@@ -662,7 +662,7 @@ class RegistrationLogic:
             (two contrasts such as T1 and T2: the MIND-SSC refinement alone, as the bundled
             models are single-contrast). The outputs say which ran (``method``).
         :param refineIterations: per-pair refinement (instance optimisation) steps; None or
-            negative = the default (10 after the network, 30 without it), 0 = off.
+            negative = the default (10 after the network, 40 without it), 0 = off.
         :param refineSeconds: time budget of the refinement in seconds, 0 = no limit.
         :param refineSimilarity: None or "auto" (follows the contrast), "lncc" (one contrast)
             or "mind" (MIND-SSC descriptors, two contrasts such as T1 and T2 or MR and CT).

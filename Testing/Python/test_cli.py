@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from EOIRRegistrationLib import cli
+from EOIRRegistrationLib import cli, refine
 from helpers import oblique_image, write_tiny_model
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
@@ -57,7 +57,7 @@ def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, c
     assert report["contrast"]["requested"] == "same" and report["contrast"]["used"] == "same"
     assert report["network"] is True
     assert report["refinement"] == {"iterations": cli.DEFAULT_REFINE_ITERATIONS,
-                                    "similarity": "lncc"}
+                                    "similarity": "lncc", "sample_fraction": 1.0}
     assert report["method"].startswith("same contrast") and "LNCC" in report["method"]
     png = (out / "overview.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -209,7 +209,8 @@ def test_inverted_contrast_is_detected_and_reported(tmp_path, capsys):
     assert report["contrast"]["requested"] == "auto" and report["contrast"]["used"] == "different"
     assert report["contrast"]["correlation"] < 0
     assert report["network"] is False and "registering" not in report["seconds"]
-    assert report["refinement"] == {"iterations": 2, "similarity": "mind"}
+    assert report["refinement"] == {"iterations": 2, "similarity": "mind",
+                                    "sample_fraction": refine.SAMPLE_FRACTION}
     printed = capsys.readouterr().out
     assert "different contrasts" in printed and "[auto]" in printed
     # the same pair with --contrast same: the network and LNCC, as asked

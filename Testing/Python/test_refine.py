@@ -5,7 +5,7 @@ import torch
 
 from EOIRRegistrationLib import geometry, metrics, spatial
 from EOIRRegistrationLib.phantom import make_phantom_pair
-from EOIRRegistrationLib.refine import RefineConfig, refine_displacement
+from EOIRRegistrationLib.refine import SAMPLE_FRACTION, RefineConfig, refine_displacement
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +99,19 @@ def test_every_front_end_uses_the_engines_default_refinement():
     assert cli.DEFAULT_REFINE_ITERATIONS == refine.DEFAULT_ITERATIONS
     assert cli.DEFAULT_REFINE_ITERATIONS_ALONE == refine.DEFAULT_ITERATIONS_ALONE
     # every front end leaves the steps and the similarity to the engine, which picks them by
-    # contrast: 10 LNCC steps after the network, 30 MIND-SSC steps without it
+    # contrast: 10 LNCC steps after the network, 40 MIND-SSC steps without it
     assert cli._register_parser().parse_args(["f", "m", "--output-dir", "o"]).refine is None
     assert inspect.signature(pipeline.register).parameters["refine"].default == RefineConfig()
     assert slicer_worker._refine({}) == RefineConfig()
     assert slicer_logic.checkEngineOptions() == ("auto", None, 0.0, None, None, "auto")
     assert slicer_worker._refine({"refine_iterations": 0}) is None
     assert RefineConfig().resolved(after_network=True, same_contrast=True) == RefineConfig(
-        iterations=refine.DEFAULT_ITERATIONS, similarity="lncc")
+        iterations=refine.DEFAULT_ITERATIONS, similarity="lncc", sample_fraction=1.0)
     assert RefineConfig().resolved(after_network=False, same_contrast=False) == RefineConfig(
-        iterations=refine.DEFAULT_ITERATIONS_ALONE, similarity="mind")
+        iterations=refine.DEFAULT_ITERATIONS_ALONE, similarity="mind",
+        sample_fraction=refine.SAMPLE_FRACTION)
     assert RefineConfig(iterations=3, similarity="lncc").resolved(False, False) == RefineConfig(
-        iterations=3, similarity="lncc")  # explicit choices stay
+        iterations=3, similarity="lncc", sample_fraction=1.0)  # explicit choices stay
 
 
 def test_the_written_out_adam_matches_torch_optim_adam():
@@ -130,3 +131,36 @@ def test_the_written_out_adam_matches_torch_optim_adam():
         opt_ref.step()
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
     assert (ours - target).abs().mean() < target.abs().mean()  # it did move towards the target
+
+
+def test_the_residual_at_points_matches_the_dense_residual_there():
+    from EOIRRegistrationLib.refine import _residual_at
+    shape = (13, 10, 9)  # coarse grid 6 x 5 x 4: unequal, non-integer ratios
+    v = torch.randn(1, 3, 6, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dense = spatial.resize_displacement(spatial.integrate_velocity(v, 5), shape)
+    points = spatial.identity_grid(shape, dtype=torch.float64).view(3, -1)[:, ::7]
+    at = _residual_at(v, points, shape, 5)
+    expected = dense.view(1, 3, -1)[:, :, ::7]
+    assert torch.allclose(at, expected, atol=1e-10)
+
+
+def test_sampled_mind_refinement_is_reproducible_and_as_good_as_the_dense_one(
+        cross_contrast_pair):
+    fixed, moving, fl, ml = cross_contrast_pair
+    dense = refine_displacement(fixed, moving, None,
+                                RefineConfig(iterations=60, similarity="mind", sample_fraction=1))
+    cfg = RefineConfig(iterations=60, similarity="mind", sample_fraction=0.1)
+    sampled = refine_displacement(fixed, moving, None, cfg)
+    assert torch.equal(sampled, refine_displacement(fixed, moving, None, cfg))  # seeded draws
+    assert not torch.equal(sampled, dense)  # it did sample
+    assert _dice(sampled, fl, ml) > _dice(dense, fl, ml) - 0.03
+    assert metrics.folding_fraction(metrics.jacobian_determinant_voxel(sampled)) == 0.0
+    with pytest.raises(ValueError, match="sample_fraction"):
+        refine_displacement(fixed, moving, None, RefineConfig(iterations=1, similarity="mind",
+                                                              sample_fraction=0))
+    with pytest.raises(ValueError, match="needs the MIND-SSC similarity"):
+        refine_displacement(fixed, moving, None, RefineConfig(iterations=1, similarity="lncc",
+                                                              sample_fraction=0.5))
+    # unset, the fraction follows the similarity: sampled for MIND-SSC only
+    assert RefineConfig(similarity="mind").resolved().sample_fraction == SAMPLE_FRACTION < 1
+    assert RefineConfig(similarity="lncc").resolved().sample_fraction == 1.0

@@ -446,13 +446,13 @@ def test_results_say_which_contrast_path_ran(module_with_stub_application):
         foldingValueLabel=label(), sdlogjValueLabel=label(), jacobianRangeValueLabel=label(),
         runValueLabel=label(), statusLabel=label())
     node = types.SimpleNamespace(GetName=lambda: "moving-to-fixed")
-    method = "different contrasts (intensity correlation -0.24): MIND-SSC refinement alone, 30 steps"
+    method = "different contrasts (intensity correlation -0.24): MIND-SSC refinement alone, 40 steps"
     outputs = slicer_logic.RegistrationOutputs(transformNode=node, qa={"folding_percent": 0.0},
                                                modelName="eoir", device="cpu", method=method)
     widget._showResults(outputs, 12.0)
     assert widget.ui.statusLabel.text.endswith(
         "shown through it. Different contrasts (intensity correlation -0.24): MIND-SSC "
-        "refinement alone, 30 steps.")
+        "refinement alone, 40 steps.")
     outputs.method = ""
     widget._showResults(outputs, 12.0)
     assert widget.ui.statusLabel.text.endswith("shown through it.")
