@@ -268,11 +268,10 @@ def run_registration(args, extra_report: dict | None = None, inputs: dict | None
                              "not an ITK transform file") from exc
     loaded = resolve_model(args.model)
     t_read = time.perf_counter() - t0
-    from .refine import RefineConfig
-    iterations = getattr(args, "refine", None)
-    refine = None if iterations == 0 else RefineConfig(
-        iterations=iterations, time_budget_s=getattr(args, "refine_seconds", None),
-        similarity=getattr(args, "refine_similarity", None))
+    from .refine import config_from_options
+    refine = config_from_options(getattr(args, "refine", None),
+                                 getattr(args, "refine_seconds", None),
+                                 getattr(args, "refine_similarity", None))
     result = register(fixed, moving, model=loaded, device=args.device,
                       moving_labels=moving_labels, working_spacing=args.working_spacing,
                       refine=refine, initial_alignment=getattr(args, "init", "auto"),

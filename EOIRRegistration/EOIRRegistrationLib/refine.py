@@ -91,6 +91,18 @@ class RefineConfig:
                              else SAMPLE_FRACTION if similarity == "mind" else 1.0))
 
 
+def config_from_options(iterations: int | None = None, seconds: float | None = None,
+                        similarity: str | None = None) -> RefineConfig | None:
+    """The engine's ``refine`` argument from a front end's options (CLI, Slicer panel, Slicer
+    worker job): None when ``iterations`` is 0 (off); a time budget only when ``seconds`` > 0;
+    None or empty fields are left to the engine, which fills them by contrast."""
+    if iterations is not None and int(iterations) == 0:
+        return None
+    return RefineConfig(iterations=None if iterations is None else int(iterations),
+                        time_budget_s=float(seconds) if seconds and seconds > 0 else None,
+                        similarity=similarity or None)
+
+
 def _residual_at(v: torch.Tensor, points: torch.Tensor, shape, steps: int) -> torch.Tensor:
     """``resize_displacement(integrate_velocity(v, steps), shape)`` at full-grid voxel ``points``
     (3, N) only: (1, 3, N) in full-grid voxels. Cell-centred like F.interpolate(align_corners=

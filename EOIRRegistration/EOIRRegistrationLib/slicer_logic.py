@@ -146,18 +146,6 @@ def checkEngineOptions(initialAlignment="auto", refineIterations=None, refineSec
     return method, iterations, seconds, similarity, network, contrast
 
 
-def _refineConfig(iterations: int | None, seconds: float, similarity: str | None = None):
-    """The engine's ``refine`` argument: None when off (0), else a ``RefineConfig`` whose None
-    fields the engine fills by contrast (imports torch)."""
-    if iterations == 0:
-        return None
-    from .refine import RefineConfig
-
-    return RefineConfig(iterations=iterations,
-                        time_budget_s=float(seconds) if seconds > 0 else None,
-                        similarity=similarity)
-
-
 def initialMatrixToAttribute(matrix) -> str:
     """16 numbers, row-major, separated by spaces (the transform attribute's format)."""
     return " ".join(f"{float(v):.12g}" for v in np.asarray(matrix, dtype=np.float64).ravel())
@@ -481,6 +469,7 @@ class RegistrationLogic:
             contrast)
         _checkCancelled(cancelEvent)
         register = _engineRegister()
+        from .refine import config_from_options  # torch: imported with the engine
 
         def progress(stage, fraction):
             if progressCallback is not None:
@@ -492,7 +481,7 @@ class RegistrationLogic:
         return register(inputs.fixedImage, inputs.movingImage, model=model, device=device,
                         moving_labels=inputs.movingLabels, working_spacing=workingSpacing,
                         intensity_window=intensityWindow,
-                        refine=_refineConfig(iterations, seconds, similarity),
+                        refine=config_from_options(iterations, seconds, similarity),
                         initial_alignment=method, contrast=contrast, network=network,
                         progress=progress, cancel=cancelEvent)
 

@@ -61,16 +61,11 @@ def _engine(spec: str | None):
 
 
 def _refine(job: dict):
-    """The engine's ``refine`` argument from the job: None when off, else a ``RefineConfig``."""
-    from EOIRRegistrationLib.refine import RefineConfig
+    """The engine's ``refine`` argument from the job (null iterations: the engine's default)."""
+    from EOIRRegistrationLib.refine import config_from_options
 
-    iterations = job.get("refine_iterations")  # None: the engine's default for the contrast
-    if iterations is not None and int(iterations) == 0:
-        return None
-    seconds = float(job.get("refine_seconds") or 0.0)
-    return RefineConfig(iterations=None if iterations is None else int(iterations),
-                        time_budget_s=seconds if seconds > 0 else None,
-                        similarity=job.get("refine_similarity") or None)
+    return config_from_options(job.get("refine_iterations"), job.get("refine_seconds"),
+                               job.get("refine_similarity"))
 
 
 def run(jobDir: str | os.PathLike) -> int:

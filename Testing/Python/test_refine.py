@@ -105,6 +105,14 @@ def test_every_front_end_uses_the_engines_default_refinement():
     assert slicer_worker._refine({}) == RefineConfig()
     assert slicer_logic.checkEngineOptions() == ("auto", None, 0.0, None, None, "auto")
     assert slicer_worker._refine({"refine_iterations": 0}) is None
+    # one rule turns every front end's options into the engine's argument
+    assert refine.config_from_options(0, 5.0, "mind") is None
+    assert refine.config_from_options(None, 0.0, "") == RefineConfig()
+    assert refine.config_from_options(7, 2.5, "mind") == RefineConfig(
+        iterations=7, time_budget_s=2.5, similarity="mind")
+    assert slicer_worker._refine({"refine_iterations": 7, "refine_seconds": 2.5,
+                                  "refine_similarity": "mind"}) == RefineConfig(
+        iterations=7, time_budget_s=2.5, similarity="mind")
     assert RefineConfig().resolved(after_network=True, same_contrast=True) == RefineConfig(
         iterations=refine.DEFAULT_ITERATIONS, similarity="lncc", sample_fraction=1.0)
     assert RefineConfig().resolved(after_network=False, same_contrast=False) == RefineConfig(
