@@ -7,8 +7,9 @@ Geometry at each step (see ``geometry.py`` for the conventions):
    size multiple (16 for 5 levels). The moving image is read through physical space, so it may
    have any size, spacing, origin and direction.
 2. Intensities are normalised to [0, 1] as the card says (or by a given window). The contrast
-   test (``contrast.py``) runs here, on the working grid: for two contrasts the network is
-   skipped and the refinement (MIND-SSC) registers from the initial alignment.
+   test (``contrast.py``) runs here, on the working grid: for two contrasts the network of a
+   one-contrast model is skipped and the refinement (MIND-SSC) registers from the initial
+   alignment (a contrast-agnostic model keeps its network, followed by MIND-SSC refinement).
 3. The network returns a voxel displacement on the working grid (array order). It becomes LPS mm
    on the working grid (``d = direction @ diag(spacing) @ reversed(u)``), then is interpolated
    (linear, border values) onto the fixed image's own grid.
@@ -32,7 +33,7 @@ from .devices import is_out_of_memory, resolve_device
 from .errors import DeviceError, InputError, RegistrationCancelled
 from .intensity import normalize, window_of
 from .modelfile import LoadedModel, resolve_model
-from .refine import RefineConfig, refine_displacement
+from .refine import DEFAULT_ITERATIONS_ALONE, RefineConfig, refine_displacement
 
 ProgressCallback = Callable[[str, float], None]
 STAGES = ("loading model", "preparing images", "registering", "refining", "resampling",
@@ -214,8 +215,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     optimisation; None or 0 = off). Its fields left None follow the contrast: 10 iterations
     after the network, 40 without (``refine.DEFAULT_ITERATIONS[_ALONE]``); LNCC for one
     contrast, MIND-SSC for two.
-    network: None follows the contrast (on for "same", and whenever the refinement is off);
-    False forces the refinement alone (needs refine > 0), True the network.
+    network: None follows the contrast (on for "same", whenever the refinement is off, and for
+    a contrast-agnostic model: an EOIR on MIND-SSC inputs, ``input_features="mind"``); False
+    forces the refinement alone (needs refine > 0), True the network.
     progress(stage, fraction) is called at each stage; cancel (threading.Event or callable) is
     polled between stages and raises RegistrationCancelled.
     """
@@ -227,9 +229,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     if contrast not in contrast_test.CONTRASTS:
         raise InputError(f"unknown contrast {contrast!r}; choose one of "
                          f"{', '.join(contrast_test.CONTRASTS)}")
-    if refine is None and (network is False or (network is None and contrast == "different")):
-        raise InputError("without the network the refinement is the whole registration: give "
-                         "it iterations (e.g. 30)")
+    alone = ("without the network the refinement is the whole registration: give it "
+             f"iterations (e.g. {DEFAULT_ITERATIONS_ALONE})")
+    if refine is None and network is False:
+        raise InputError(alone)
     check_image(fixed, "fixed image")
     check_image(moving, "moving image")
     if moving_labels is not None:
@@ -238,6 +241,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     stages.start("loading model")
     dev = resolve_device(device)
     loaded = resolve_model(model)
+    agnostic = getattr(loaded.model, "contrast_agnostic", False)
+    if refine is None and network is None and contrast == "different" and not agnostic:
+        raise InputError(alone + "; or use a contrast-agnostic model")
     spacing = tuple(working_spacing) if working_spacing is not None else loaded.working_spacing
 
     stages.start("preparing images")
@@ -262,7 +268,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     del fixed_t
     contrast, correlation = contrast_test.decide(contrast, fixed_w, moving_w)
     if network is None:
-        network = contrast == "same" or refine is None
+        network = contrast == "same" or refine is None or agnostic
     if refine is not None:
         refine = refine.resolved(after_network=network, same_contrast=contrast == "same")
 

@@ -140,9 +140,9 @@ def checkEngineOptions(initialAlignment="auto", refineIterations=None, refineSec
     contrast = str(contrast or "auto").lower()
     if contrast not in CONTRASTS:
         raise InputError(f"unknown contrast {contrast!r}; choose one of {', '.join(CONTRASTS)}")
-    if iterations == 0 and (network is False or (network is None and contrast == "different")):
+    if iterations == 0 and network is False:  # (a one-contrast model on "different": the engine)
         raise InputError("without the network the refinement is the whole registration: give "
-                         "it iterations (e.g. 30)")
+                         "it iterations (e.g. 40)")
     return method, iterations, seconds, similarity, network, contrast
 
 

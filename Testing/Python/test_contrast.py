@@ -89,3 +89,27 @@ def test_default_steps_follow_the_path_and_explicit_choices_win(phantom_pairs, m
         register(pair.fixed, pair.moving, model=model, contrast="different", refine=0)
     with pytest.raises(InputError, match="unknown contrast"):
         register(pair.fixed, pair.moving, model=model, contrast="T1")
+
+
+def test_a_contrast_agnostic_model_keeps_the_network_on_two_contrasts(phantom_pairs, tmp_path):
+    """A model whose encoder sees MIND-SSC descriptors registers two contrasts itself: "auto"
+    keeps it on the inverted pair, followed by its default MIND-SSC steps; --refine 0 is then
+    the network alone, not an error."""
+    from EOIRRegistrationLib.models import build_model
+
+    pair, inverted, _ = phantom_pairs
+    net = build_model("eoir", {"channels": 4, "levels": 3, "input_features": "mind"})
+    for est in net.estimators:
+        torch.nn.init.normal_(est.out.weight, std=0.05)
+    path = tmp_path / "mind.pt"
+    modelfile.save_model(path, net, {"name": "mind", "working_spacing_mm": [2.0, 2.0, 2.0]})
+    model = modelfile.load_model(path)
+    assert model.model.contrast_agnostic
+    r = register(pair.fixed, inverted, model=model, initial_alignment="none", refine=2)
+    assert r.contrast == "different" and r.network and "registering" in r.timings
+    assert r.refine.similarity == "mind"
+    assert "network + MIND-SSC refinement, 2 steps" in r.method
+    only = register(pair.fixed, inverted, model=model, initial_alignment="none", refine=0,
+                    contrast="different")
+    assert only.network and only.refine is None
+    assert np.abs(sitk.GetArrayFromImage(only.displacement)).max() > 0.05

@@ -57,6 +57,33 @@ def test_unknown_config_is_refused():
         build_model("eoir", {"composition": "multiply"})
     with pytest.raises(KeyError, match="unknown model architecture"):
         build_model("voxelmorph", {})
+    with pytest.raises(ValueError, match="input_features"):
+        build_model("eoir", {"input_features": "gradient"})
+
+
+def _with_nonzero_flow(model):
+    for est in model.estimators:
+        torch.nn.init.normal_(est.out.weight, std=0.05)
+    return model.eval()
+
+
+def test_a_mind_input_model_ignores_affine_intensity_changes_an_intensity_model_does_not():
+    """MIND-SSC descriptors are ratios of patch distances: scaling, offsetting or inverting an
+    image's intensities leaves them unchanged, so the model's output too (e.g. T1 vs T2-like
+    inversions); the paper's intensity input changes."""
+    torch.manual_seed(0)
+    x = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 32, 32, 32), 3, 1, 1)
+    y = torch.roll(x, 2, dims=2)
+    inverted = 2.0 - 3.0 * y
+    mind = _with_nonzero_flow(build_model("eoir", {"channels": 4, "levels": 3,
+                                                   "input_features": "mind"}))
+    plain = _with_nonzero_flow(build_model("eoir", {"channels": 4, "levels": 3}))
+    with torch.no_grad():
+        u, u_inv = mind(x, y), mind(x, inverted)
+        assert u.abs().max() > 0.05
+        assert torch.allclose(u, u_inv, atol=1e-4 * float(u.abs().max()) + 1e-6)
+        p, p_inv = plain(x, y), plain(x, inverted)
+        assert (p - p_inv).abs().max() > 0.1 * p.abs().max()
 
 
 @pytest.fixture

@@ -8,6 +8,10 @@ step with the upsampled coarser displacement: ``u = u_res + u_up o (id + u_res)`
 Tensors follow ``spatial.py``: inputs ``(B, 1, D, H, W)`` with every pyramid axis divisible by
 ``2 ** (levels - 1)`` (times 2 with ``finest_level=1``); the output is a voxel displacement
 ``(B, 3, D, H, W)`` on the fixed grid, channel c along array axis c, ``warped = moving(p + u(p))``.
+
+With ``input_features="mind"`` (not in the paper) the encoder sees the 12 MIND-SSC descriptors of
+each image instead of its intensity, which makes the model blind to intensity changes that keep
+local self-similarity (scaling, offset, inversion): a contrast-agnostic variant.
 """
 from __future__ import annotations
 
@@ -18,7 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import spatial
+from .. import losses, spatial
+
+
+INPUT_FEATURES = ("intensity", "mind")
+MIND_CHANNELS = 12
 
 
 @dataclass
@@ -33,6 +41,9 @@ class EOIRConfig:
     large_kernel: bool = False    # OASIS variant: parallel 3^3 + 5^3 + 1^3 convs + identity
     finest_level: int = 0         # 1: estimators start at 1/2 resolution, final flow upsampled x2
     pyramid_axes: tuple = (0, 1, 2)  # array axes halved per level; (1, 2) = in-plane only
+    # What the encoder sees: "intensity" (the paper) or "mind" (the 12 MIND-SSC descriptors of
+    # each image, computed in the model: local self-similarity, largely contrast-independent)
+    input_features: str = "intensity"
 
     def __post_init__(self):
         self.pyramid_axes = tuple(int(a) for a in self.pyramid_axes)
@@ -43,6 +54,9 @@ class EOIRConfig:
             raise ValueError("EOIRConfig: channels and levels must be >= 1, kernel_radius >= 0")
         if self.finest_level not in (0, 1):
             raise ValueError("EOIRConfig.finest_level must be 0 or 1")
+        if self.input_features not in INPUT_FEATURES:
+            raise ValueError(f"EOIRConfig.input_features must be one of {INPUT_FEATURES}, got "
+                             f"{self.input_features!r}")
         if not set(self.pyramid_axes) <= {0, 1, 2} or not self.pyramid_axes:
             raise ValueError(f"EOIRConfig.pyramid_axes must be a non-empty subset of (0, 1, 2)")
 
@@ -82,9 +96,9 @@ class LargeKernelBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, ns: int, large_kernel: bool):
+    def __init__(self, ns: int, large_kernel: bool, in_channels: int = 1):
         super().__init__()
-        blocks = [ConvBlock(1, ns), ConvBlock(ns, 2 * ns), ConvBlock(2 * ns, ns)]
+        blocks = [ConvBlock(in_channels, ns), ConvBlock(ns, 2 * ns), ConvBlock(2 * ns, ns)]
         if large_kernel:
             blocks.append(LargeKernelBlock(ns))
         self.blocks = nn.Sequential(*blocks)
@@ -120,13 +134,20 @@ class EOIR(nn.Module):
         super().__init__()
         self.cfg = config if config is not None else EOIRConfig(**kwargs)
         c = self.cfg
-        self.encoder = Encoder(c.channels, c.large_kernel)
+        self.encoder = Encoder(c.channels, c.large_kernel,
+                               MIND_CHANNELS if c.input_features == "mind" else 1)
         # estimators[0] is the finest level.
         self.estimators = nn.ModuleList(FlowEstimator(c.channels, c.kernel_radius)
                                         for _ in range(c.levels))
 
     def config(self) -> dict:
         return self.cfg.to_dict()
+
+    @property
+    def contrast_agnostic(self) -> bool:
+        """True when the encoder sees MIND-SSC descriptors: two contrasts go through the network
+        (the pipeline's "different" path keeps it)."""
+        return self.cfg.input_features == "mind"
 
     @property
     def size_multiple(self) -> int:
@@ -153,7 +174,10 @@ class EOIR(nn.Module):
     def _run(self, fixed, moving, keep_levels: bool):
         self._check(fixed, moving)
         b = fixed.shape[0]
-        feats = self.encoder(torch.cat([fixed, moving], dim=0))
+        images = torch.cat([fixed, moving], dim=0)
+        if self.cfg.input_features == "mind":
+            images = losses.mind_ssc(images)
+        feats = self.encoder(images)
         if self.cfg.finest_level:
             feats = self._halve(feats)
         pyramid = [feats]
