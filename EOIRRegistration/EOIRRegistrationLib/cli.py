@@ -151,8 +151,9 @@ def _register_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrast", choices=["auto", "same", "different"], default="auto",
                    help="same: one contrast (the network, then LNCC refinement); different: two "
                         "contrasts, e.g. T1 and T2 (the MIND-SSC refinement alone: the bundled "
-                        "models are single-contrast); auto (default): decided from the images' "
-                        "correlation after the initial alignment (written to report.json)")
+                        "models are single-contrast; a model on MIND-SSC inputs keeps its "
+                        "network); auto (default): decided from the images' correlation after "
+                        "the initial alignment (written to report.json)")
     p.add_argument("--refine", type=int, default=None, metavar="N",
                    help="per-pair optimisation iterations (default "
                         f"{DEFAULT_REFINE_ITERATIONS} after the network, about 1.5 s for a brain "
