@@ -3,10 +3,10 @@
 Optimises a stationary velocity ``v`` on a grid ``1 / downsample`` of the working grid (Adam,
 learning rate decaying along a cosine to 10 %, on a similarity + diffusion of ``v``; the
 similarity is LNCC for one modality, or the mean squared difference of MIND-SSC descriptors for
-two, evaluated at a fresh random tenth of the voxels each step), integrates it by scaling and squaring, and composes the resulting
-residual map with the starting displacement: ``u = u_init o (id + exp(v))`` — a composition of
-diffeomorphisms, so a fold-free start stays fold-free up to discretisation. Works in the spatial
-core's voxel convention on the working grid.
+two, evaluated at a fresh random tenth of the voxels each step), integrates it by scaling and
+squaring, and composes the resulting residual map with the starting displacement:
+``u = u_init o (id + exp(v))`` — a composition of diffeomorphisms, so a fold-free start stays
+fold-free up to discretisation. Works in the spatial core's voxel convention on the working grid.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ DEFAULT_ITERATIONS = 10
 # the whole deformation to find: T1 against T2-like brains, MIND-SSC at every voxel, Dice 0.62 /
 # 0.67 / 0.678 / 0.683 / 0.683 after 10 / 20 / 30 / 50 / 100 steps (30: about 9 s on 2 CPU
 # threads); at a tenth of the voxels per step (SAMPLE_FRACTION) 0.672 / 0.679 / 0.683 after
-# 30 / 40 / 60 steps, 40 taking about 4.5 s.
+# 30 / 40 / 60 steps, 40 taking about 5 s.
 DEFAULT_ITERATIONS_ALONE = 40
 # MIND-SSC: most of a dense step is warping 12 descriptor channels over the whole grid (and
 # back); evaluating the similarity at a random tenth of the voxels, drawn afresh each step
