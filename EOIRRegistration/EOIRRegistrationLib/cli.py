@@ -63,9 +63,9 @@ def _train_parser() -> argparse.ArgumentParser:
                         "reproduce this model's displacement for the same anatomy in one contrast "
                         "while it sees two contrasts; bundled name or file at the same working "
                         "spacing")
-    p.add_argument("--distill-weight", type=float, default=1.0,
+    p.add_argument("--distill-weight", type=float, default=None,
                    help="weight of the distillation term (squared voxel distance to the teacher's "
-                        "displacement); used with --distill-from")
+                        "displacement; default 1); needs --distill-from")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--validate-every", type=int, default=250)
     p.add_argument("--validation-pairs", type=int, default=4)
@@ -94,6 +94,8 @@ def train_main(argv=None) -> int:
         elif args.channels or args.levels:
             raise ValueError("--channels/--levels configure EOIR; give other architectures' "
                              "options with --model-config")
+        if args.distill_weight is not None and not args.distill_from:
+            raise ValueError("--distill-weight needs --distill-from (the teacher model)")
         label_values = {"all": (), "standard30": STANDARD_30_LABELS,
                         "standard27": SYNTHSEG_COMPARABLE_LABELS}[args.dice_labels]
         cfg = TrainConfig(
@@ -101,7 +103,9 @@ def train_main(argv=None) -> int:
             data=args.data, shape=tuple(args.shape), working_spacing_mm=tuple(args.working_spacing),
             objective={"similarity": args.similarity, "regularization_weight": args.reg_weight,
                        "dice_weight": args.dice_weight, "label_values": label_values,
-                       "distill_weight": args.distill_weight if args.distill_from else 0.0},
+                       "distill_weight": (0.0 if not args.distill_from
+                                          else 1.0 if args.distill_weight is None
+                                          else args.distill_weight)},
             source_options=json.loads(args.data_options), init_from=args.init_from,
             distill_from=args.distill_from,
             iterations=args.iterations, learning_rate=args.lr, poly_decay=args.poly_decay,

@@ -203,3 +203,8 @@ def test_distillation_refuses_sources_and_teachers_it_cannot_use(folder, tmp_pat
     assert cli.train_main(["--output-dir", str(tmp_path / "b"), "--data", f"labelmaps:{folder}",
                            "--working-spacing", "2", "2", "2", *base, coarse]) == 2
     assert "teacher works at [3.0, 3.0, 3.0] mm" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before anything is written
+    assert cli.train_main(["--output-dir", str(tmp_path / "c"), "--data", f"labelmaps:{folder}",
+                           *base[:-1], "--distill-weight", "2"]) == 2
+    assert "--distill-weight needs --distill-from" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything is written

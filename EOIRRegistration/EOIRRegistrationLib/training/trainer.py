@@ -214,6 +214,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     objective = OBJECTIVES[cfg.architecture]
     obj_cfg = ObjectiveConfig(**cfg.objective)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, amsgrad=True)
+    # Data and teacher first: a refused source or teacher leaves the output folder untouched.
+    source = make_source(cfg)
+    teacher = _load_teacher(cfg, source, device)
     start = 0
     if resume and ckpt_path.exists():
         ck = _load_checkpoint(ckpt_path)
@@ -228,8 +231,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         out.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(LOG_FIELDS)
-    source = make_source(cfg)
-    teacher = _load_teacher(cfg, source, device)
     val_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
     val_pairs = [source.sample(val_gen) for _ in range(cfg.validation_pairs)]
     print(f"training {cfg.architecture} {cfg.model_config} on {source.describe()}, device {device}, "
