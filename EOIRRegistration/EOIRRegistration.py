@@ -153,8 +153,9 @@ class EOIRRegistrationParameterNode:
     initialAlignment - "auto", "none", "com", "rigid" or "affine": linear alignment before the
         network ("auto": affine unless the volumes are already aligned).
     contrast - "auto" (decided from the volumes), "same" (the network, then LNCC refinement)
-        or "different" (two contrasts such as T1 and T2: the MIND-SSC refinement alone).
-    refineIterations - per-pair refinement steps, -1 = the default (10 after the network, 30
+        or "different" (two contrasts such as T1 and T2: the MIND-SSC refinement alone, after
+        the network only for a contrast-agnostic model).
+    refineIterations - per-pair refinement steps, -1 = the default (10 after the network, 40
         without it), 0 = off.
     refineSeconds - time budget of the refinement, 0 = no limit.
     refineSimilarity - "auto" (follows the contrast), "lncc" or "mind" (MIND-SSC).

@@ -241,7 +241,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     stages.start("loading model")
     dev = resolve_device(device)
     loaded = resolve_model(model)
-    agnostic = getattr(loaded.model, "contrast_agnostic", False)
+    agnostic = loaded.model.contrast_agnostic
     if refine is None and network is None and contrast == "different" and not agnostic:
         raise InputError(alone + "; or use a contrast-agnostic model")
     spacing = tuple(working_spacing) if working_spacing is not None else loaded.working_spacing

@@ -208,3 +208,14 @@ def test_distillation_refuses_sources_and_teachers_it_cannot_use(folder, tmp_pat
                            *base[:-1], "--distill-weight", "2"]) == 2
     assert "--distill-weight needs --distill-from" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def test_python_api_refuses_a_distillation_weight_without_a_teacher(folder, tmp_path):
+    from EOIRRegistrationLib.errors import InputError
+    from EOIRRegistrationLib.training.trainer import TrainConfig, train
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), data=f"labelmaps:{folder}",
+                      model_config={"channels": 4, "levels": 3}, shape=(16, 16, 16),
+                      objective={"distill_weight": 1.0}, iterations=0, threads=1)
+    with pytest.raises(InputError, match="needs a teacher"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -449,6 +449,11 @@ class GeoReg(nn.Module):
         return self.cfg.to_dict()
 
     @property
+    def contrast_agnostic(self) -> bool:
+        """GeoReg's encoder sees intensities: the pipeline drops it for two contrasts."""
+        return False
+
+    @property
     def size_multiple(self) -> int:
         """Each input axis must be divisible by this."""
         return 2 ** (self.cfg.levels - 1)

@@ -171,6 +171,8 @@ def _load_initial_weights(model, cfg: TrainConfig) -> None:
 def _load_teacher(cfg: TrainConfig, source, device):
     """The frozen teacher model of contrast distillation, or None."""
     if not cfg.distill_from:
+        if ObjectiveConfig(**cfg.objective).distill_weight > 0:
+            raise InputError("a distillation weight needs a teacher (--distill-from)")
         return None
     from ..modelfile import resolve_model
     if not getattr(source, "renders_moving_in_fixed_contrast", False):
