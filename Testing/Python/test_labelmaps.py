@@ -37,6 +37,18 @@ def test_centroid_affine_recovers_a_known_shift_and_scale():
     assert np.allclose(m[:3, 3], [-2, -1, 3], atol=0.3)
 
 
+def test_centroid_affine_ignores_extra_cerebral_labels_cut_by_the_field_of_view():
+    """A map whose head (label 502) is cut off on one side, as the neck is in some SynthSeg maps:
+    the brain structures alone fix the affine, so the cut moves nothing."""
+    a = phantom_labels()
+    b = np.zeros_like(a)
+    b[2:, 1:, :-3] = a[:-2, :-1, 3:]
+    b[:, 30:, :][b[:, 30:, :] == 502] = 0  # the skin shell beyond row 30 is out of view
+    m = centroid_affine(a, b)
+    assert np.allclose(m[:3, :3], np.eye(3), atol=0.05)
+    assert np.allclose(m[:3, 3], [-2, -1, 3], atol=0.3)
+
+
 @pytest.fixture
 def folder(tmp_path):
     lab = phantom_labels()
