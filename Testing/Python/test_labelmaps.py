@@ -231,3 +231,16 @@ def test_python_api_refuses_a_distillation_weight_without_a_teacher(folder, tmp_
     with pytest.raises(InputError, match="needs a teacher"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_zero_background_makes_the_unlabelled_voxels_exactly_zero(folder):
+    plain = LabelMapSource(folder, shape=(16, 16, 16), spacing=2.0)
+    masked = LabelMapSource(folder, shape=(16, 16, 16), spacing=2.0,
+                            zero_background_probability=1.0)
+    a = plain.sample(torch.Generator().manual_seed(4))
+    b = masked.sample(torch.Generator().manual_seed(4))
+    background = b["fixed_labels"] == 0
+    assert background.any() and (a["fixed"][background] > 0).any()
+    assert (b["fixed"][background] == 0).all() and (b["moving"][b["moving_labels"] == 0] == 0).all()
+    # the same draw otherwise: the fixed image's labelled voxels are untouched
+    assert torch.equal(b["fixed"][~background], a["fixed"][~background])

@@ -8,7 +8,8 @@ pipeline's initial alignment leaves: with 6 degrees and 3 voxels per image the p
 label Dice 0.25 instead of 0.46, a misalignment the model never meets after that alignment) and a
 random smooth diffeomorphic deformation (one nearest-neighbour warp of the labels), optional
 skull stripping (labels >= 500 are extra-cerebral tissue in the SynthSeg maps), a random crop,
-and a random contrast (one random intensity per label, blur, bias field, noise, gamma); with
+and a random contrast (one random intensity per label, blur, bias field, noise, gamma; with
+``zero_background_probability`` a background of exact zeros, as in skull-stripped scans); with
 ``same_contrast_probability`` both images share one contrast. Each pair also carries
 ``moving_similarity``, the moving anatomy in the fixed image's contrast (clean): the objective
 compares it with the fixed image, so LNCC is a valid dense training signal even when the network
@@ -69,7 +70,8 @@ class LabelMapSource:
     def __init__(self, folder, shape=(80, 96, 80), spacing=2.0, skull_strip_probability=0.5,
                  max_rotation_deg=2.0, max_scaling=0.02, max_shift_vox=1.0,
                  synthetic: SyntheticConfig | None = None, max_maps: int | None = None,
-                 same_contrast_probability: float = 0.0):
+                 same_contrast_probability: float = 0.0,
+                 zero_background_probability: float = 0.0):
         files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".nii.gz", ".nii")))
         if max_maps:
             files = files[:max_maps]
@@ -81,6 +83,7 @@ class LabelMapSource:
         self.max_scaling, self.max_shift = max_scaling, max_shift_vox
         self.style = synthetic or SyntheticConfig(shape=self.shape, max_velocity=1.5)
         self.same_contrast_probability = float(same_contrast_probability)
+        self.zero_background_probability = float(zero_background_probability)
         self.maps = self._load_aligned(files)
         self.max_label = max(int(m.max()) for m in self.maps)
         self.folder = str(folder)
@@ -171,6 +174,16 @@ class LabelMapSource:
         image = normalize(image, window_of(image))
         return image ** contrast["gamma"]
 
+    def _foreground(self, labels: torch.Tensor, gen) -> torch.Tensor | float:
+        """With ``zero_background_probability``, the mask of the labelled voxels: the image's
+        background becomes exactly 0, as in skull-stripped scans (FreeSurfer's, for one), whose
+        flat background the rendered noise otherwise never shows the network. Else 1."""
+        if self.zero_background_probability <= 0:  # no draw: earlier runs resume identically
+            return 1.0
+        if torch.rand((), generator=gen).item() < self.zero_background_probability:
+            return (labels > 0).float()
+        return 1.0
+
     def sample(self, gen: torch.Generator) -> dict:
         """A pair with labels, plus ``moving_similarity``: the moving anatomy rendered, without
         bias or noise, in the fixed image's contrast, so that an intensity similarity stays
@@ -183,7 +196,9 @@ class LabelMapSource:
         same = torch.rand((), generator=gen).item() < self.same_contrast_probability
         moving_contrast = fixed_contrast if same else self._contrast(gen)
         fixed = self._render(fixed_labels, fixed_contrast, gen)
+        fixed = fixed * self._foreground(fixed_labels, gen)
         moving = self._render(moving_labels, moving_contrast, gen)
+        moving = moving * self._foreground(moving_labels, gen)
         return {"fixed": fixed, "moving": moving, "fixed_labels": fixed_labels,
                 "moving_labels": moving_labels,
                 "moving_similarity": self._render(moving_labels, fixed_contrast)}
