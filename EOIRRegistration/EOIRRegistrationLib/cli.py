@@ -40,6 +40,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--working-spacing", type=float, nargs=3, default=[2.0, 2.0, 2.0],
                    help="mm (x y z) at which the model registers; stored in the model card")
     p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=1,
+                   help="pairs per step, stacked into one batch (smoother gradients; memory and "
+                        "time per step grow with it)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--poly-decay", action="store_true")
     p.add_argument("--similarity", choices=["lncc", "mse", "none"], default="lncc",
@@ -108,7 +111,8 @@ def train_main(argv=None) -> int:
                                           else args.distill_weight)},
             source_options=json.loads(args.data_options), init_from=args.init_from,
             distill_from=args.distill_from,
-            iterations=args.iterations, learning_rate=args.lr, poly_decay=args.poly_decay,
+            iterations=args.iterations, batch_size=args.batch, learning_rate=args.lr,
+            poly_decay=args.poly_decay,
             checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
             validation_pairs=args.validation_pairs, log_every=args.log_every, seed=args.seed, device=args.device,
             threads=args.threads, name=args.name, description=args.description)

@@ -58,6 +58,43 @@ def test_resume_continues_exactly_where_a_run_stopped(tmp_path):
     assert its == [1, 2, 3, 4]
 
 
+def test_a_batch_objective_is_the_mean_of_its_pairs_objectives():
+    """What --batch relies on: every term (LNCC, Dice, diffusion) averages over the batch."""
+    from EOIRRegistrationLib.models import build_model
+    from EOIRRegistrationLib.training.objectives import ObjectiveConfig, eoir_objective
+    from EOIRRegistrationLib.training.trainer import _stack
+
+    torch.manual_seed(0)
+    model = build_model("eoir", {"channels": 4, "levels": 3})
+    for est in model.estimators:
+        torch.nn.init.normal_(est.out.weight, std=0.05)
+    gen = torch.Generator().manual_seed(1)
+    pairs = [synthetic_pair(SyntheticConfig(shape=(32, 32, 32)), gen) for _ in range(2)]
+    cfg = ObjectiveConfig(dice_weight=1.0, label_values=tuple(range(1, 13)))
+
+    def total(p):
+        return eoir_objective(model, p["fixed"], p["moving"], cfg, p["fixed_labels"],
+                              p["moving_labels"]).total.item()
+
+    singles = [total(p) for p in pairs]
+    assert abs(singles[0] - singles[1]) > 1e-3  # two different pairs
+    assert total(_stack(pairs)) == pytest.approx(np.mean(singles), rel=1e-4)
+
+
+def test_batch_draws_that_many_pairs_per_step(tmp_path, capsys):
+    args = ["--validate-every", 100, "--checkpoint-every", 1]
+    assert train(tmp_path / "b2", "--iterations", 1, "--batch", 2, *args) == 0
+    assert train(tmp_path / "b1", "--iterations", 2, *args) == 0
+    state = {name: torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+             for name in ("b1", "b2")}
+    assert torch.equal(state["b1"]["generator_state"], state["b2"]["generator_state"])
+    card = modelfile.load_model(tmp_path / "b2" / "model.pt").card
+    assert card["training_config"]["batch_size"] == 2
+    assert train(tmp_path / "b0", "--iterations", 1, "--batch", 0) == 2
+    assert "batch size must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "b0").exists()
+
+
 def test_used_folder_needs_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out, "--iterations", 1, "--validate-every", 1) == 0

@@ -49,6 +49,7 @@ class TrainConfig:
     distill_from: str | None = None
     objective: dict = field(default_factory=dict)   # ObjectiveConfig overrides
     iterations: int = 2000
+    batch_size: int = 1   # pairs per step, stacked into one (B, ...) batch
     learning_rate: float = 1e-4
     poly_decay: bool = False
     checkpoint_every: int = 100
@@ -85,6 +86,12 @@ def make_source(cfg: TrainConfig):
 
 def _to(pair: dict, device) -> dict:
     return {k: v.to(device) for k, v in pair.items()}
+
+
+def _stack(pairs: list[dict]) -> dict:
+    """One batch from pairs of one crop shape: each entry concatenated along the batch axis.
+    Every loss is a mean over the batch, so a batch's objective is the mean of its pairs'."""
+    return {k: torch.cat([p[k] for p in pairs]) for k in pairs[0]}
 
 
 @torch.no_grad()
@@ -201,6 +208,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     if ckpt_path.exists() and not (resume or overwrite):
         raise InputError(f"{out} already holds a training run; pass --resume to continue it or "
                          "--overwrite to start again")
+    if int(cfg.batch_size) < 1:
+        raise InputError(f"the batch size must be at least 1, got {cfg.batch_size}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -253,7 +262,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         lr = cfg.learning_rate * ((1 - (it - 1) / cfg.iterations) ** 0.9 if cfg.poly_decay else 1.0)
         for group in opt.param_groups:
             group["lr"] = lr
-        pair = _to(source.sample(gen), device)
+        pair = _to(_stack([source.sample(gen) for _ in range(cfg.batch_size)]), device)
         # Sources with a separate similarity target (label maps) pass it on.
         extra = {k: pair[k] for k in ("moving_similarity",) if k in pair}
         if teacher is not None:
