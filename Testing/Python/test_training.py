@@ -95,6 +95,17 @@ def test_batch_draws_that_many_pairs_per_step(tmp_path, capsys):
     assert not (tmp_path / "b0").exists()
 
 
+def test_a_batch_keeps_only_the_entries_all_its_pairs_have():
+    from EOIRRegistrationLib.training.trainer import _stack
+
+    gen = torch.Generator().manual_seed(2)
+    labelled = synthetic_pair(SyntheticConfig(shape=(16, 16, 16)), gen)
+    plain = {k: labelled[k] for k in ("fixed", "moving")}
+    batch = _stack([labelled, plain])
+    assert set(batch) == {"fixed", "moving"} and batch["fixed"].shape == (2, 1, 16, 16, 16)
+    assert set(_stack([labelled, labelled])) == set(labelled)
+
+
 def test_used_folder_needs_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out, "--iterations", 1, "--validate-every", 1) == 0

@@ -49,8 +49,8 @@ def centroid_affine(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     ``source`` onto ``target``'s grid. Extra-cerebral labels (skin, skull, fat...) are left out:
     their extent depends on the field of view (a neck cut off moves the skin's centroid by
     centimetres), and with them five of the sixteen SynthSeg maps were stretched by up to 1.5x."""
-    values = sorted(set(np.unique(source)) & set(np.unique(target))
-                    - {0} - {v for v in np.unique(source) if v >= EXTRA_CEREBRAL_FIRST_LABEL})
+    values = sorted(v for v in set(np.unique(source)) & set(np.unique(target))
+                    if 0 < v < EXTRA_CEREBRAL_FIRST_LABEL)
     cs, ct = _centroids(source, values), _centroids(target, values)
     shared = sorted(set(cs) & set(ct))
     if len(shared) < 4:

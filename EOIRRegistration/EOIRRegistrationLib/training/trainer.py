@@ -90,8 +90,11 @@ def _to(pair: dict, device) -> dict:
 
 def _stack(pairs: list[dict]) -> dict:
     """One batch from pairs of one crop shape: each entry concatenated along the batch axis.
-    Every loss is a mean over the batch, so a batch's objective is the mean of its pairs'."""
-    return {k: torch.cat([p[k] for p in pairs]) for k in pairs[0]}
+    Every loss is a mean over the batch, so a batch's objective is the mean of its pairs'.
+    Entries some pairs lack (labels of a folder where only some images have them) are left out
+    of that batch."""
+    keys = [k for k in pairs[0] if all(k in p for p in pairs)]
+    return {k: torch.cat([p[k] for p in pairs]) for k in keys}
 
 
 @torch.no_grad()
