@@ -11,7 +11,8 @@ demo: setup
 	$(PYTHON) -m EOIRRegistrationLib demo --output-dir eoir-demo-output --overwrite
 
 test: setup
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q Testing/Python
 
 bench: setup
-	$(PYTHON) benchmarks/bench_pipeline.py
+	$(PYTHON) benchmarks/bench_pipeline.py --threads 2 --save-results

@@ -115,7 +115,7 @@ def render_panel(path=SCREENSHOT_PATH, results: dict | None = None) -> None:
     for name, value in examples.items():
         child(name).addItem(value)
 
-    from EOIRRegistrationLib.slicer_logic import listBundledModels  # no torch needed
+    from EOIRRegistrationLib.slicer.catalog import listBundledModels  # no torch needed
 
     models = listBundledModels()
     model_combo = child("modelComboBox")

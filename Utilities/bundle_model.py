@@ -8,13 +8,12 @@ suite checks that every file of the module folder is listed).
 """
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "EOIRRegistration"))
 
-from EOIRRegistrationLib.modelfile import BUNDLED_DIR, load_model, save_model  # noqa: E402
+from EOIRRegistrationLib.engine.modelfile import BUNDLED_DIR, load_model, save_model  # noqa: E402
 
 
 def main(argv=None) -> int:

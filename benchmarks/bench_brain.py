@@ -11,7 +11,8 @@ environment running this script: it ships the files), the template T1 as a movin
 ("mni152": real intensities on both sides, scored on grey and white matter only, in a table of
 its own; see brain_pairs.py). ``--t2-pairs NN ...`` adds the maps rendered T2-like
 ("segNN-t2": two contrasts, white matter dark and CSF bright against the real T1; a table of
-their own; demons, a one-contrast method, is not run on them). Without nilearn: ``pip download nilearn --no-deps`` and unzip
+their own; demons, a one-contrast method, is not run on them). Without nilearn: ``pip download
+nilearn --no-deps`` and unzip
 ``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz`` into a folder.
 
 Methods, each in a fresh child process limited to --threads threads (OMP/MKL/ITK variables and
@@ -21,14 +22,15 @@ outputs (imports excluded), peak memory = the child's Linux VmHWM (imports inclu
 * ours: ``eoir-register FIXED MOVING --model M --device cpu [--refine N]``, default settings
   otherwise (``--init auto``: the affine unless already aligned; ``--contrast auto``: the
   MIND-SSC refinement alone on two contrasts; no ``--refine`` for the default N) (run
-  as ``EOIRRegistrationLib.cli.register_main`` in the child, which is what ``eoir-register`` calls)
+  as ``EOIRRegistrationLib.cli.register.main`` in the child, which is what ``eoir-register`` calls)
   for every model of --models (default: all bundled models) and every N of --refine-iterations
   (default: the engine's default refinement, named "ours:MODEL", and 0, "ours:MODEL (network
   only)");
 * demons: SimpleITK DiffeomorphicDemonsRegistrationFilter, 3 levels (shrink 4/2/1, 50/50/25
   iterations, field smoothing 1.5 voxels) after an affine pre-alignment computed with OUR
-  ``EOIRRegistrationLib.alignment`` module (``optimised_matrix(..., "affine")``, what
-  ``--init affine``/``auto`` use: Mattes MI on 4 mm copies) and histogram matching (256 bins, 7 points, as in bench_pipeline.py);
+  ``EOIRRegistrationLib.engine.alignment`` module (``optimised_matrix(..., "affine")``, what
+  ``--init affine``/``auto`` use: Mattes MI on 4 mm copies) and histogram matching (256 bins,
+  7 points, as in bench_pipeline.py);
 * elastix (itk-elastix): default "affine" + default "bspline" parameter maps, --threads threads
   (ITK's global default: itk-elastix 0.25.4 segfaults when given number_of_threads=2);
   total field from ``itk.transformix_deformation_field``;
@@ -38,7 +40,7 @@ outputs (imports excluded), peak memory = the child's Linux VmHWM (imports inclu
   first: x -> A(x + w(x))), sampled by ``sitk.TransformToDisplacementField``.
 
 Every method leaves one total displacement field on the fixed grid (LPS mm, fixed point x ->
-moving point x + d(x)); the parent scores them all the same way with EOIRRegistrationLib.metrics:
+moving point x + d(x)); the parent scores them all the same way with EOIRRegistrationLib.core (qa, metrics):
 mean Dice and mean HD95 (mm) over the standard 30 structures that both label maps have, except
 24 (CSF: a few sulcal voxels in FreeSurfer, the whole extra-cerebral CSF shell in SynthSeg; 31/63,
 choroid plexus, are missing from the SynthSeg maps, so 27 structures count), moving labels warped
@@ -48,7 +50,8 @@ the whole fixed grid. An "identity" row (no registration) gives the starting poi
 --check (cheap, once per run) compares the labels warped through each method's field with the
 tool's own nearest-neighbour warp of the labels (ants.apply_transforms, transformix with a
 nearest-neighbour resampler, our CLI's --moving-labels; for demons, whose "tool" is our own
-composition, the field written out by hand in numpy, x -> A(x + d(x))) and, for ANTs and demons, with the field composed in the reverse order; agreement
+composition, the field written out by hand in numpy, x -> A(x + d(x))) and, for ANTs and
+demons, with the field composed in the reverse order; agreement
 must exceed 99 % of the voxels where either label map is non-zero. With --check the timings
 include that extra work: time without it.
 
@@ -100,7 +103,7 @@ CHECK_MIN_AGREEMENT = 0.99
 def _peak_kb() -> int:
     """This process's own peak resident set (VmHWM; ru_maxrss would count the parent's at fork)."""
     with open("/proc/self/status") as f:
-        return int(next(l for l in f if l.startswith("VmHWM")).split()[1])
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1])
 
 
 def _sitk_field(transform, reference):
@@ -118,16 +121,19 @@ def _write_field(field, path):
 
 def _child_ours(fixed, moving, out, threads, opts):
     import torch  # noqa: F401  (imports before the clock, as for the other methods)
-    from EOIRRegistrationLib import cli, pipeline  # noqa: F401
-    from EOIRRegistrationLib.refine import DEFAULT_ITERATIONS
+
+    import EOIRRegistrationLib.cli.outputs  # noqa: F401
+    import EOIRRegistrationLib.engine.pipeline  # noqa: F401
+    from EOIRRegistrationLib.cli import register as register_cli
+    from EOIRRegistrationLib.engine.options import DEFAULT_REFINE_ITERATIONS
     argv = [fixed, moving, "--output-dir", str(out), "--model", opts["model"],
             "--device", "cpu", "--threads", str(threads), "--no-png", "--quiet", "--overwrite"]
-    if opts["refine"] != DEFAULT_ITERATIONS:  # the default: the engine's choice by contrast
+    if opts["refine"] != DEFAULT_REFINE_ITERATIONS:  # the default: the engine's choice by contrast
         argv += ["--refine", str(opts["refine"])]
     if opts.get("check"):
         argv += ["--moving-labels", opts["moving_labels"]]
     t0 = time.perf_counter()
-    rc = cli.register_main(argv)
+    rc = register_cli.main(argv)
     seconds = time.perf_counter() - t0
     if rc:
         raise RuntimeError(f"eoir-register exited with {rc}")
@@ -148,7 +154,8 @@ def _affine_transform(a):
 
 def _child_demons(fixed_path, moving_path, out, threads, opts):
     import SimpleITK as sitk
-    from EOIRRegistrationLib.alignment import optimised_matrix
+
+    from EOIRRegistrationLib.engine.alignment import optimised_matrix
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     t0 = time.perf_counter()
     fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
@@ -332,8 +339,9 @@ def _warp_labels(moving_labels, fixed_labels, disp):
 
 
 def structures_of(fixed_labels_arr, moving_labels_arr) -> list[int]:
-    from EOIRRegistrationLib.metrics import STANDARD_30_LABELS
     import numpy as np
+
+    from EOIRRegistrationLib.core.qa import STANDARD_30_LABELS
     have_f, have_m = set(np.unique(fixed_labels_arr).tolist()), set(np.unique(moving_labels_arr).tolist())
     return [v for v in STANDARD_30_LABELS
             if v in have_f and v in have_m and v not in EXCLUDED_STRUCTURES]
@@ -345,7 +353,7 @@ def score(fixed_labels, moving_labels, disp_path, values=None) -> dict:
     import numpy as np
     import SimpleITK as sitk
 
-    from EOIRRegistrationLib import geometry, metrics
+    from EOIRRegistrationLib.core import geometry, metrics, qa
     fl = sitk.GetArrayFromImage(fixed_labels).astype(int)
     disp = None
     if disp_path is not None:
@@ -359,17 +367,18 @@ def score(fixed_labels, moving_labels, disp_path, values=None) -> dict:
     wl = _warp_labels(moving_labels, fixed_labels, disp)
     if values is None:
         values = structures_of(fl, sitk.GetArrayFromImage(moving_labels))
-    dice = metrics.dice(fl, wl, values=values)
+    dice = qa.dice(fl, wl, values=values)
     hd = {v: metrics.hd95(fl, wl, v, geometry.Grid.from_image(fixed_labels)) for v in values}
     if disp is None:
-        qa = {"folding_percent": 0.0, "sdlogj": 0.0, "jacobian_min": 1.0, "jacobian_max": 1.0}
+        summary = {"folding_percent": 0.0, "sdlogj": 0.0, "jacobian_min": 1.0,
+                   "jacobian_max": 1.0}
     else:
         d, grid = geometry.displacement_from_image(disp)
-        qa = metrics.jacobian_summary(metrics.jacobian_determinant(d, grid))
+        summary = qa.jacobian_summary(metrics.jacobian_determinant(d, grid).numpy())
     return {"dice": float(np.nanmean(list(dice.values()))),
             "hd95": float(np.nanmean(list(hd.values()))),
-            "folding_percent": qa["folding_percent"], "sdlogj": qa["sdlogj"],
-            "jacobian_min": qa["jacobian_min"], "n_structures": len(values),
+            "folding_percent": summary["folding_percent"], "sdlogj": summary["sdlogj"],
+            "jacobian_min": summary["jacobian_min"], "n_structures": len(values),
             "dice_per_structure": {str(k): v for k, v in dice.items()},
             "hd95_per_structure": {str(k): v for k, v in hd.items()}}
 
@@ -423,11 +432,14 @@ def summarise(rows) -> list[dict]:
             groups[r["method"]] = []
         groups[r["method"]].append(r)
     out = []
+    def mean(g, k):
+        values = [r.get(k) for r in g]
+        ok = all(isinstance(v, (int, float)) for v in values)
+        return float(np.mean(values)) if ok else math.nan
+
     for m in order:
         g = groups[m]
-        mean = lambda k: float(np.mean([r[k] for r in g])) if all(  # noqa: E731
-            isinstance(r.get(k), (int, float)) for r in g) else math.nan
-        out.append({"method": m, "pairs": len(g), **{k: mean(k) for k in (
+        out.append({"method": m, "pairs": len(g), **{k: mean(g, k) for k in (
             "dice", "hd95", "folding_percent", "sdlogj", "seconds", "peak_gb")}})
     return out
 
@@ -463,10 +475,48 @@ def plot(summary, path):
 
 def _refine_suffix(iterations: int) -> str:
     """Method-name suffix of our runs: none for the engine's default refinement."""
-    from EOIRRegistrationLib.refine import DEFAULT_ITERATIONS
-    if iterations == DEFAULT_ITERATIONS:
+    from EOIRRegistrationLib.engine.options import DEFAULT_REFINE_ITERATIONS
+    if iterations == DEFAULT_REFINE_ITERATIONS:
         return ""
     return " (network only)" if iterations == 0 else f" refine{iterations}"
+
+
+def _label(method: str) -> str:
+    """The README's name of a method row."""
+    peers = {"identity": "no registration", "demons (affine + diffeo demons)":
+             "SimpleITK diffeomorphic demons", "elastix (affine + bspline)":
+             "elastix affine + B-spline", "ants (SyN)": "ANTs SyN"}
+    if method in peers:
+        return peers[method]
+    name, _, suffix = method.removeprefix("ours:").partition(" ")
+    what = {"": "default settings", "(network only)": "network only (`--refine 0`)"}
+    return f"`{name}`, {what.get(suffix, suffix)}"
+
+
+def save_results(args, common, summary, template_rows, t2_summary) -> None:
+    """The three tables into benchmarks/results.json."""
+    import results
+
+    keys = ("dice", "hd95", "folding_percent", "sdlogj", "seconds", "peak_gb")
+    meta = {"source": "benchmarks/bench_brain.py", "measured": f"{common['date']} (engine "
+            f"{common['engine']})", "machine": f"{os.cpu_count()} CPUs visible, no GPU, "
+            f"{args.threads} threads per run, mean over the pairs"}
+
+    def rows(summary_rows, columns):
+        return [{"label": _label(r["method"]), **({"baseline": True} if r["method"] == "identity"
+                                                  else {}),
+                 **{k: (None if not isinstance(r.get(k), (int, float)) or math.isnan(r[k])
+                        else round(r[k], 3)) for k in columns}} for r in summary_rows]
+
+    if summary:
+        results.record("brain_label_maps", rows(summary, keys), meta)
+    if template_rows:
+        results.record("brain_template", rows(template_rows, keys[:3] + ("seconds",)), meta)
+    if t2_summary:
+        results.record("brain_two_contrasts", rows(t2_summary, keys),
+                       dict(meta, source="benchmarks/bench_brain.py --t2-pairs "
+                                         + " ".join(map(str, args.t2_pairs))))
+    print("saved to benchmarks/results.json (python benchmarks/results.py --write-readme)")
 
 
 def _jobs(args):
@@ -518,6 +568,10 @@ def main(argv=None) -> int:
                          "named ours:MODEL, and 0, named 'ours:MODEL (network only)')")
     ap.add_argument("--results", help="JSON file of rows: loaded, updated, saved")
     ap.add_argument("--plot", help="PNG: mean Dice vs mean seconds per method")
+    ap.add_argument("--save-results", action="store_true",
+                    help="write the summary tables into benchmarks/results.json (sections "
+                         "brain_label_maps, brain_template, brain_two_contrasts); the README's "
+                         "tables are generated from it (benchmarks/results.py)")
     ap.add_argument("--check", action="store_true",
                     help="verify each field against the tool's own label warping")
     ap.add_argument("--downsample", type=float, default=1.0,
@@ -552,11 +606,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if args.models is None:
-        from EOIRRegistrationLib.modelfile import list_bundled_models
+        from EOIRRegistrationLib.engine.modelfile import list_bundled_models
         args.models = [m.name for m in list_bundled_models()]
     if args.refine_iterations is None:
-        from EOIRRegistrationLib.refine import DEFAULT_ITERATIONS
-        args.refine_iterations = [DEFAULT_ITERATIONS, 0]
+        from EOIRRegistrationLib.engine.options import DEFAULT_REFINE_ITERATIONS
+        args.refine_iterations = [DEFAULT_REFINE_ITERATIONS, 0]
 
     import SimpleITK as sitk
     import torch
@@ -663,6 +717,9 @@ def main(argv=None) -> int:
         if args.plot and summary:
             plot(summary, args.plot)
             print(f"plot: {args.plot}")
+        if args.save_results:
+            save_results(args, common, summary, [r for r in current if r["pair"] in tissue],
+                         summarise([r for r in current if r["pair"] in t2]))
         if check_failures:
             print("\nCHECK FAILED (field vs the tool's own warp): " + "; ".join(check_failures))
             return 1

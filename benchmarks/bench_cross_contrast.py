@@ -1,6 +1,6 @@
 """Cross-contrast check: phantom pairs whose moving image is re-rendered in a random contrast.
 
-The fixed image is the phantom of ``phantom.make_phantom_pair`` (64^3 at 1.5 mm, smooth known
+The fixed image is the phantom of ``training.phantom.make_phantom_pair`` (64^3 at 1.5 mm, smooth known
 deformation, no rotation); the moving image gets one random intensity per label (seeded) and a
 0.8 mm blur, so the two inputs share anatomy but not contrast. Each pair is registered without
 initial alignment with the default settings (``contrast="auto"``), by the network alone, with
@@ -43,11 +43,10 @@ def main(argv=None) -> int:
     import SimpleITK as sitk
     import torch
 
-    from EOIRRegistrationLib import metrics
-    from EOIRRegistrationLib.modelfile import resolve_model
-    from EOIRRegistrationLib.phantom import make_phantom_pair
-    from EOIRRegistrationLib.pipeline import register
-    from EOIRRegistrationLib.refine import RefineConfig
+    from EOIRRegistrationLib.core import qa
+    from EOIRRegistrationLib.engine.modelfile import resolve_model
+    from EOIRRegistrationLib.engine.pipeline import register
+    from EOIRRegistrationLib.training.phantom import make_phantom_pair
 
     torch.set_num_threads(args.threads)
     model = resolve_model(args.model)
@@ -56,19 +55,21 @@ def main(argv=None) -> int:
     fl = sitk.GetArrayFromImage(pair.fixed_labels)
     ml = sitk.GetArrayFromImage(pair.moving_labels)
     values = [int(v) for v in np.unique(fl) if v]
-    mean_dice = lambda warped: float(np.nanmean(list(metrics.dice(fl, warped, values).values())))  # noqa: E731
+    mean_dice = lambda warped: float(np.nanmean(list(qa.dice(fl, warped, values).values())))  # noqa: E731
     identity = mean_dice(sitk.GetArrayFromImage(sitk.Resample(
         pair.moving_labels, pair.fixed, sitk.Transform(), sitk.sitkNearestNeighbor)))
+    # (network, refinement options, [working spacing]); refinement steps left out: the
+    # engine's default (10 after the network)
     runs = {"default settings (--contrast auto)": (None, None),
-            "network only": (True, 0),
-            "network + LNCC refinement 10": (True, RefineConfig(similarity="lncc")),
-            "network + MIND-SSC refinement 10": (True, RefineConfig(similarity="mind")),
-            "network + MIND-SSC refinement 50": (True, RefineConfig(iterations=50,
-                                                                    similarity="mind")),
-            "MIND-SSC refinement 50 alone (--no-network)": (False, RefineConfig(
-                iterations=50, similarity="mind")),
-            "the same on a 1.5 mm working grid": (False, RefineConfig(
-                iterations=50, similarity="mind"), (1.5, 1.5, 1.5))}
+            "network only": (True, {"refine_iterations": 0}),
+            "network + LNCC refinement 10": (True, {"refine_similarity": "lncc"}),
+            "network + MIND-SSC refinement 10": (True, {"refine_similarity": "mind"}),
+            "network + MIND-SSC refinement 50": (True, {"refine_iterations": 50,
+                                                        "refine_similarity": "mind"}),
+            "MIND-SSC refinement 50 alone (--no-network)": (False, {
+                "refine_iterations": 50, "refine_similarity": "mind"}),
+            "the same on a 1.5 mm working grid": (False, {
+                "refine_iterations": 50, "refine_similarity": "mind"}, (1.5, 1.5, 1.5))}
     results = {name: [] for name in runs}
     for seed in args.seeds:
         lut = np.random.default_rng(seed).random(int(ml.max()) + 1) * 1000
@@ -76,8 +77,8 @@ def main(argv=None) -> int:
         moving.CopyInformation(pair.moving)
         moving = sitk.SmoothingRecursiveGaussian(moving, 0.8)
         for name, (network, refine, *spacing) in runs.items():
-            kwargs = {} if refine is None else {"refine": refine}
-            r = register(pair.fixed, moving, model=model, moving_labels=pair.moving_labels,
+            kwargs = {} if refine is None else refine
+            r = register(pair.fixed, moving, loaded_model=model, moving_labels=pair.moving_labels,
                          initial_alignment="none", network=network,
                          working_spacing=spacing[0] if spacing else None, **kwargs)
             results[name].append(mean_dice(sitk.GetArrayFromImage(r.warped_labels)))
@@ -96,9 +97,10 @@ def brain(args) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from brain_pairs import make_pairs
-    from EOIRRegistrationLib import metrics
-    from EOIRRegistrationLib.modelfile import resolve_model
-    from EOIRRegistrationLib.pipeline import register
+
+    from EOIRRegistrationLib.core import qa
+    from EOIRRegistrationLib.engine.modelfile import resolve_model
+    from EOIRRegistrationLib.engine.pipeline import register
 
     torch.set_num_threads(args.threads)
     model = resolve_model(args.model)
@@ -111,15 +113,15 @@ def brain(args) -> int:
     for name, paths in sorted(pairs["pairs"].items()):
         labels = sitk.ReadImage(paths["moving_labels"])
         la = sitk.GetArrayFromImage(labels)
-        values = [v for v in metrics.STANDARD_30_LABELS
+        values = [v for v in qa.STANDARD_30_LABELS
                   if v != 24 and v in set(np.unique(fl)) and v in set(np.unique(la))]
         rendering = "T2-like" if name.endswith("-t2") else "T1-like"
         moving = sitk.ReadImage(paths["moving"], sitk.sitkFloat32)
         for run, contrast in runs.items():
             start = time.perf_counter()
-            r = register(fixed, moving, model=model, moving_labels=labels, contrast=contrast)
+            r = register(fixed, moving, loaded_model=model, moving_labels=labels, contrast=contrast)
             seconds = time.perf_counter() - start
-            dice = metrics.dice(fl, sitk.GetArrayFromImage(r.warped_labels), values)
+            dice = qa.dice(fl, sitk.GetArrayFromImage(r.warped_labels), values)
             rows.append((rendering, run, name, float(np.nanmean(list(dice.values()))), seconds,
                          r.method))
             print(f"  {name} {rendering:<8} {run:<22} Dice {rows[-1][3]:.3f} "

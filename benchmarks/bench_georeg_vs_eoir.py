@@ -53,9 +53,9 @@ def worker(args) -> dict:
     sys.path.insert(0, str(ROOT / "EOIRRegistration"))
     import torch
 
-    from EOIRRegistrationLib import spatial
-    from EOIRRegistrationLib.complexity import count_parameters
+    from EOIRRegistrationLib.core import spatial
     from EOIRRegistrationLib.models import build_model
+    from EOIRRegistrationLib.models.complexity import count_parameters
     from EOIRRegistrationLib.training.objectives import OBJECTIVES, ObjectiveConfig
 
     if args.threads:

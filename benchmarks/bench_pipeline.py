@@ -45,7 +45,7 @@ print(time.perf_counter() - t0)
 def make_pair(folder: Path, shape):
     import SimpleITK as sitk
 
-    from EOIRRegistrationLib.phantom import make_phantom_pair
+    from EOIRRegistrationLib.training.phantom import make_phantom_pair
     pair = make_phantom_pair(seed=11, shape=shape, spacing=(1.0, 1.0, 1.0), rotation=(0, 0, 0),
                              origin=tuple(-s / 2 for s in reversed(shape)), velocity=4.0)
     paths = {}
@@ -80,7 +80,8 @@ def run_child(kind: str, target: str, argv, threads: int):
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{target} failed:\n{proc.stderr[-2000:]}")
-    peak_kb = [int(l.split()[1]) for l in proc.stderr.splitlines() if l.startswith("PEAK_RSS_KB")]
+    peak_kb = [int(line.split()[1]) for line in proc.stderr.splitlines()
+               if line.startswith("PEAK_RSS_KB")]
     return wall, peak_kb[-1] / 1024 ** 2
 
 
@@ -88,8 +89,8 @@ def score(out: Path, paths) -> dict:
     import numpy as np
     import SimpleITK as sitk
 
-    from EOIRRegistrationLib import metrics
-    from EOIRRegistrationLib.phantom import displacement_error_mm
+    from EOIRRegistrationLib.core import geometry, metrics, qa
+    from EOIRRegistrationLib.training.phantom import displacement_error_mm
     disp = sitk.ReadImage(str(out / "displacement.nii"))
     err = displacement_error_mm(disp, sitk.ReadImage(str(paths["true_displacement"])),
                                 sitk.ReadImage(str(paths["fixed_labels"])))
@@ -97,13 +98,11 @@ def score(out: Path, paths) -> dict:
     ml = sitk.ReadImage(str(paths["moving_labels"]))
     tx = sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
     wl = sitk.GetArrayFromImage(sitk.Resample(ml, disp, tx, sitk.sitkNearestNeighbor)).astype(int)
-    dice = metrics.dice(fl, wl)
-    import torch
-    from EOIRRegistrationLib import geometry
+    dice = qa.dice(fl, wl)
     d, grid = geometry.displacement_from_image(disp)
-    qa = metrics.jacobian_summary(metrics.jacobian_determinant(d.float(), grid))
+    summary = qa.jacobian_summary(metrics.jacobian_determinant(d.float(), grid).numpy())
     return {"dice": float(np.nanmean(list(dice.values()))), "err": err["mean_error_mm"],
-            "ident": err["identity_mean_error_mm"], "fold": qa["folding_percent"]}
+            "ident": err["identity_mean_error_mm"], "fold": summary["folding_percent"]}
 
 
 def main(argv=None) -> int:
@@ -116,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--refine", type=int, default=None,
                     help="--refine N for our models (default: eoir-register's own default)")
     ap.add_argument("--no-demons", action="store_true")
+    ap.add_argument("--save-results", action="store_true",
+                    help="write the table into benchmarks/results.json (section phantoms); the "
+                         "README's table is generated from it (benchmarks/results.py)")
     args = ap.parse_args(argv)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs visible, {args.threads} threads "
           f"per run, models {', '.join(args.models)}")
@@ -155,7 +157,27 @@ def main(argv=None) -> int:
         if r["stages"]:
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if v is not None)
             print(f"  {r['method']} {'x'.join(str(s) for s in reversed(r['size']))}: {stages}")
+    if args.save_results:
+        save_results(rows, args)
     return 0
+
+
+def save_results(rows, args) -> None:
+    """The rows as the ``phantoms`` section of benchmarks/results.json."""
+    import results
+
+    labels = {"SimpleITK diffeomorphic demons (50 it)": "SimpleITK diffeomorphic demons"}
+    results.record("phantoms", [
+        {"label": labels.get(r["method"], f"EOIR `{r['method']}`"),
+         "size": "x".join(str(s) for s in reversed(r["size"])), "seconds": round(r["wall"], 1),
+         "peak_gb": round(r["peak"], 2), "dice": round(r["dice"], 3),
+         "error_mm": round(r["err"], 2), "identity_error_mm": round(r["ident"], 2),
+         "folding_percent": round(r["fold"], 3)} for r in rows],
+        {"source": f"benchmarks/bench_pipeline.py --threads {args.threads}",
+         "measured": time.strftime("%Y-%m-%d"),
+         "machine": f"{os.cpu_count()} CPUs visible, no GPU, {args.threads} threads per run, wall "
+                    "time of the whole process"})
+    print("saved to benchmarks/results.json (python benchmarks/results.py --write-readme)")
 
 
 if __name__ == "__main__":

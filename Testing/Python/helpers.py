@@ -29,7 +29,7 @@ def write_tiny_model(path, out_std, spacing=(3.0, 3.0, 3.0), name=None, descript
     millimetre; for geometry checks, not accuracy). Returns the path as a string."""
     import torch
 
-    from EOIRRegistrationLib import modelfile
+    from EOIRRegistrationLib.engine import modelfile
     from EOIRRegistrationLib.models import build_model
 
     torch.manual_seed(0)
@@ -45,3 +45,43 @@ def write_tiny_model(path, out_std, spacing=(3.0, 3.0, 3.0), name=None, descript
             "working_spacing_mm": list(spacing)}
     modelfile.save_model(path, model, card)
     return str(path)
+
+
+def add_grid_transform_node(scene, displacement, name="Transform"):
+    """A new grid transform node in ``scene`` holding ``displacement`` (LPS mm, resampling
+    direction, on its own grid), through the bridge (replaces the former
+    ``slicer_bridge.createGridTransformNode``)."""
+    from EOIRRegistrationLib.slicer import bridge
+
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    bridge.setGridTransformFromDisplacement(node, displacement)
+    return node
+
+
+def registration_result(fixed, moving, displacement, moving_labels=None, options=None,
+                        **fields):
+    """A real ``engine.result.RegistrationResult`` for a known ``displacement`` on ``fixed``'s
+    grid (for fake engines): the moving image (and labels, nearest neighbour) resampled through
+    it by ITK, its Jacobian determinant, the folding mask and the QA figures of ``core.qa``.
+    ``options`` defaults to ``RegistrationOptions()``; ``fields`` set the other result fields
+    (model_name "fake-model" and device "cpu" unless given)."""
+    from EOIRRegistrationLib.core.qa import jacobian_summary
+    from EOIRRegistrationLib.engine.options import RegistrationOptions
+    from EOIRRegistrationLib.engine.result import RegistrationResult
+
+    transform = sitk.DisplacementFieldTransform(sitk.Image(displacement))
+    warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    jacobian = sitk.Cast(sitk.DisplacementFieldJacobianDeterminant(displacement),
+                         sitk.sitkFloat32)
+    labels = None
+    if moving_labels is not None:
+        labels = sitk.Resample(moving_labels, fixed, transform, sitk.sitkNearestNeighbor, 0,
+                               moving_labels.GetPixelID())
+    fields.setdefault("model_name", "fake-model")
+    fields.setdefault("device", "cpu")
+    fields.setdefault("timings", {"register": 0.01})
+    return RegistrationResult(
+        displacement=displacement, warped=warped, jacobian=jacobian,
+        folding=sitk.Cast(jacobian <= 0, sitk.sitkUInt8), warped_labels=labels,
+        qa=jacobian_summary(sitk.GetArrayFromImage(jacobian)),
+        options=RegistrationOptions() if options is None else options, **fields)

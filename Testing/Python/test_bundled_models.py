@@ -3,12 +3,15 @@ import json
 
 import pytest
 
-from EOIRRegistrationLib import cli, modelfile
+from EOIRRegistrationLib.cli import demo as demo_cli
+from EOIRRegistrationLib.cli import models as models_cli
+from EOIRRegistrationLib.engine import modelfile
+from EOIRRegistrationLib.engine.options import DEFAULT_MODEL
 
 
 def test_the_default_model_is_bundled_with_a_complete_card():
     infos = modelfile.list_bundled_models()
-    assert infos and infos[0].name == modelfile.DEFAULT_MODEL
+    assert infos and infos[0].name == DEFAULT_MODEL
     for info in infos:
         card = info.card
         for key in ("description", "training_data", "working_spacing_mm",
@@ -21,14 +24,14 @@ def test_the_default_model_is_bundled_with_a_complete_card():
 
 
 def test_models_command_lists_the_default(capsys):
-    assert cli.models_main([]) == 0
+    assert models_cli.main([]) == 0
     out = capsys.readouterr().out
-    assert f"{modelfile.DEFAULT_MODEL} (default)" in out and "working spacing" in out
+    assert f"{DEFAULT_MODEL} (default)" in out and "working spacing" in out
 
 
 def test_demo_recovers_the_known_deformation_better_than_identity(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.demo_main(["--output-dir", str(out), "--threads", "1"]) == 0
+    assert demo_cli.main(["--output-dir", str(out), "--threads", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
     rec = report["demo_recovery"]
     assert rec["mean_error_mm"] < 0.85 * rec["identity_mean_error_mm"], rec
@@ -43,9 +46,9 @@ def test_every_bundled_model_registers_a_phantom_better_than_identity(name):
     import numpy as np
     import SimpleITK as sitk
 
-    from EOIRRegistrationLib import metrics
-    from EOIRRegistrationLib.phantom import make_phantom_pair
-    from EOIRRegistrationLib.pipeline import register
+    from EOIRRegistrationLib.core import qa
+    from EOIRRegistrationLib.engine.pipeline import register
+    from EOIRRegistrationLib.training.phantom import make_phantom_pair
 
     pair = make_phantom_pair(seed=5, shape=(48, 48, 48), spacing=(2.0, 2.0, 2.0),
                              rotation=(0, 0, 0), velocity=3.0)
@@ -54,7 +57,7 @@ def test_every_bundled_model_registers_a_phantom_better_than_identity(name):
     fl = sitk.GetArrayFromImage(pair.fixed_labels)
     values = [int(v) for v in np.unique(fl) if v != 0]
     mean = lambda d: float(np.nanmean(list(d.values())))  # noqa: E731
-    before = mean(metrics.dice(fl, sitk.GetArrayFromImage(pair.moving_labels), values))
-    after = mean(metrics.dice(fl, sitk.GetArrayFromImage(result.warped_labels), values))
+    before = mean(qa.dice(fl, sitk.GetArrayFromImage(pair.moving_labels), values))
+    after = mean(qa.dice(fl, sitk.GetArrayFromImage(result.warped_labels), values))
     assert after > before + 0.05, (name, before, after)
     assert result.qa["folding_percent"] < 0.5

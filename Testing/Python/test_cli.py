@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from EOIRRegistrationLib import cli, refine
 from helpers import oblique_image, write_tiny_model
+
+from EOIRRegistrationLib.cli import register as register_cli
+from EOIRRegistrationLib.core.errors import InputError
+from EOIRRegistrationLib.engine import refine
+from EOIRRegistrationLib.engine.options import DEFAULT_REFINE_ITERATIONS
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
 
@@ -30,7 +33,7 @@ def files(tmp_path):
 
 
 def run(argv):
-    return cli.register_main([str(a) for a in argv])
+    return register_cli.main([str(a) for a in argv])
 
 
 def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, capsys):
@@ -56,7 +59,7 @@ def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, c
         assert report["seconds"][stage] >= 0
     assert report["contrast"]["requested"] == "same" and report["contrast"]["used"] == "same"
     assert report["network"] is True
-    assert report["refinement"] == {"iterations": cli.DEFAULT_REFINE_ITERATIONS,
+    assert report["refinement"] == {"iterations": DEFAULT_REFINE_ITERATIONS,
                                     "similarity": "lncc", "sample_fraction": 1.0}
     assert report["method"].startswith("same contrast") and "LNCC" in report["method"]
     png = (out / "overview.png").read_bytes()
@@ -142,6 +145,24 @@ def test_module_entry_point_runs_register_and_models(files, tmp_path):
     assert proc.returncode == 2 and "usage" in proc.stderr
 
 
+def test_the_dispatcher_runs_each_command_and_explains_its_usage(capsys, monkeypatch):
+    """``python -m EOIRRegistrationLib`` (cli.main.main) in process: a known command runs that
+    command's own main with the remaining arguments; none or an unknown one prints the usage."""
+    from EOIRRegistrationLib.cli import main as cli_main
+
+    assert cli_main.main([]) == 2 and "usage" in capsys.readouterr().err
+    assert cli_main.main(["--help"]) == 0
+    usage = capsys.readouterr().err
+    assert all(name in usage for name in ("register", "train", "models", "demo"))
+    calls = []
+    monkeypatch.setattr(register_cli, "main", lambda argv: calls.append(argv) or 7)
+    assert cli_main.main(["register", "f", "m", "--output-dir", "o"]) == 7
+    assert calls == [["f", "m", "--output-dir", "o"]]
+    assert cli_main.main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed and all({"name", "path", "card"} <= set(entry) for entry in listed)
+
+
 def test_initial_alignment_options_write_the_affine_and_refuse_bad_files(files, tmp_path, capsys):
     out = tmp_path / "aligned"
     assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
@@ -192,7 +213,7 @@ def test_no_network_runs_the_refinement_alone_and_needs_it(files, tmp_path, caps
 def test_inverted_contrast_is_detected_and_reported(tmp_path, capsys):
     """--contrast auto on a pair whose moving image is the fixed one with inverted intensities:
     the MIND-SSC refinement alone runs with its own default steps, and the report says why."""
-    from EOIRRegistrationLib.phantom import make_phantom_pair
+    from EOIRRegistrationLib.training.phantom import make_phantom_pair
 
     pair = make_phantom_pair(seed=4, shape=(32, 32, 32), spacing=(2.0, 2.0, 2.0))
     inverted = sitk.Cast(sitk.InvertIntensity(sitk.Cast(pair.moving, sitk.sitkFloat32), 1000.0),
@@ -234,7 +255,6 @@ def test_a_rerun_with_overwrite_leaves_no_stale_output(files, tmp_path):
                 "--moving-labels", files["labels"], "--init", "affine", "--contrast", "same",
                 "--refine", "0", "--quiet", "--no-png"]) == 0
     assert {"affine.tfm", "warped_labels.nii.gz"} <= {p.name for p in out.iterdir()}
-    (out / "displacement.nii.gz").write_bytes(b"an earlier version's field")
     (out / "notes.txt").write_text("user data")
     assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
                 "--init", "none", "--contrast", "same", "--refine", "0", "--quiet", "--no-png",
@@ -244,16 +264,48 @@ def test_a_rerun_with_overwrite_leaves_no_stale_output(files, tmp_path):
                                                "report.json", "notes.txt"}
 
 
+def test_write_outputs_replaces_the_named_files_all_or_nothing(tmp_path):
+    """cli.files.write_outputs: the files named in ``replaces`` but not written this time are
+    removed, any other file is kept; a writer that fails leaves the folder as it was."""
+    from EOIRRegistrationLib.cli import files as cli_files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in (("a.txt", "old a"), ("b.txt", "old b"), ("notes.txt", "user data")):
+        (out / name).write_text(text)
+
+    def writer(text):
+        return lambda path: Path(path).write_text(text)
+
+    def broken(path):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        cli_files.write_outputs(out, {"a.txt": writer("new a"), "c.txt": broken},
+                                replaces=("a.txt", "b.txt", "c.txt"))
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "a.txt": "old a", "b.txt": "old b", "notes.txt": "user data"}
+    cli_files.write_outputs(out, {"a.txt": writer("new a"), "c.txt": writer("new c")},
+                            replaces=("a.txt", "b.txt", "c.txt"))
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "a.txt": "new a", "c.txt": "new c", "notes.txt": "user data"}
+    assert not list(tmp_path.glob(".out.partial-*"))
+    with pytest.raises(InputError, match="--overwrite"):
+        cli_files.check_output_dir(out, False, ("a.txt",))
+    cli_files.check_output_dir(out, True, ("a.txt",))
+    cli_files.check_output_dir(tmp_path / "new", False, ("a.txt",))
+
+
 def test_the_command_line_keeps_freed_memory_on_glibc(files, tmp_path, monkeypatch):
     """eoir-register sets glibc's allocator so large tensors are not page-faulted in anew
     (allocator.py); where there is no glibc the settings are skipped, not an error."""
     import ctypes
     import sys as system
 
-    from EOIRRegistrationLib import allocator
+    from EOIRRegistrationLib.engine import allocator
 
     calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(register_cli, "keep_freed_memory", lambda: calls.append(1) or True)
     assert run([files["fixed"], files["moving"], "--output-dir", tmp_path / "o", "--model",
                 files["model"], "--contrast", "same", "--refine", "0", "--quiet",
                 "--no-png"]) == 0

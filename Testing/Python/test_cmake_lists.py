@@ -73,6 +73,12 @@ def test_every_module_file_is_listed(listed):
     unlisted_resources = sorted(f for f in files if not f.endswith(".py") and f not in resources)
     assert not unlisted_scripts, f"add to MODULE_PYTHON_SCRIPTS: {unlisted_scripts}"
     assert not unlisted_resources, f"add to MODULE_PYTHON_RESOURCES: {unlisted_resources}"
+    # the engine is a package of subpackages (core, engine, models, ...): every folder of Python
+    # files is a package whose __init__.py is listed
+    folders = sorted({f.rsplit("/", 1)[0] for f in files if f.endswith(".py") and "/" in f})
+    assert "EOIRRegistrationLib" in folders and len(folders) > 1, folders
+    missing_inits = [f"{d}/__init__.py" for d in folders if f"{d}/__init__.py" not in scripts]
+    assert not missing_inits, f"packages without a listed __init__.py: {missing_inits}"
     assert "EOIRRegistration.py" in scripts
     assert f"Resources/Icons/{MODULE_NAME}.png" in resources
     assert f"Resources/UI/{MODULE_NAME}.ui" in resources

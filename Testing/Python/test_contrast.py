@@ -3,14 +3,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from EOIRRegistrationLib import contrast
-from EOIRRegistrationLib.errors import InputError
-from EOIRRegistrationLib.phantom import make_phantom_pair
-from EOIRRegistrationLib.pipeline import register
-from EOIRRegistrationLib.refine import DEFAULT_ITERATIONS, DEFAULT_ITERATIONS_ALONE
 from helpers import write_tiny_model
-from EOIRRegistrationLib import modelfile
+
+from EOIRRegistrationLib.core.errors import InputError
+from EOIRRegistrationLib.engine import contrast, modelfile
+from EOIRRegistrationLib.engine.options import (
+    DEFAULT_REFINE_ITERATIONS,
+    DEFAULT_REFINE_ITERATIONS_ALONE,
+)
+from EOIRRegistrationLib.engine.pipeline import register
+from EOIRRegistrationLib.training.phantom import make_phantom_pair
 
 
 def _smooth(seed, shape=(24, 20, 16)):
@@ -54,41 +56,45 @@ def phantom_pairs(tmp_path_factory):
 
 def test_the_pipeline_follows_the_detected_contrast(phantom_pairs):
     pair, inverted, model = phantom_pairs
-    same = register(pair.fixed, pair.moving, model=model, initial_alignment="none", refine=2)
+    same = register(pair.fixed, pair.moving, loaded_model=model, initial_alignment="none",
+                    refine_iterations=2)
     assert same.contrast == "same" and same.network
     assert same.contrast_correlation > contrast.SAME_CONTRAST_MIN_CORRELATION
-    assert same.refine.similarity == "lncc" and same.refine.iterations == 2
+    assert same.refinement["similarity"] == "lncc" and same.refinement["iterations"] == 2
     assert "registering" in same.timings
-    other = register(pair.fixed, inverted, model=model, initial_alignment="none", refine=2)
+    other = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none",
+                     refine_iterations=2)
     assert other.contrast == "different" and not other.network
     assert other.contrast_correlation < 0
-    assert other.refine.similarity == "mind" and "registering" not in other.timings
+    assert other.refinement["similarity"] == "mind" and "registering" not in other.timings
     assert other.method.startswith("different contrasts (intensity correlation -")
     assert "MIND-SSC refinement alone, 2 steps" in other.method
 
 
 def test_default_steps_follow_the_path_and_explicit_choices_win(phantom_pairs, monkeypatch):
-    from EOIRRegistrationLib import pipeline
+    from EOIRRegistrationLib.engine import pipeline
 
     pair, inverted, model = phantom_pairs
     seen = []
     monkeypatch.setattr(pipeline, "refine_displacement",
                         lambda f, m, u, cfg, **kw: seen.append(cfg) or u.clone())
-    register(pair.fixed, pair.moving, model=model, initial_alignment="none")
-    register(pair.fixed, inverted, model=model, initial_alignment="none")
+    register(pair.fixed, pair.moving, loaded_model=model, initial_alignment="none")
+    register(pair.fixed, inverted, loaded_model=model, initial_alignment="none")
     assert [(c.iterations, c.similarity) for c in seen] == [
-        (DEFAULT_ITERATIONS, "lncc"), (DEFAULT_ITERATIONS_ALONE, "mind")]
+        (DEFAULT_REFINE_ITERATIONS, "lncc"), (DEFAULT_REFINE_ITERATIONS_ALONE, "mind")]
     # the network forced on for the inverted pair: its default steps, MIND-SSC by contrast
-    r = register(pair.fixed, inverted, model=model, initial_alignment="none", network=True)
+    r = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none", network=True)
     assert r.network and r.contrast == "different"
-    assert (seen[-1].iterations, seen[-1].similarity) == (DEFAULT_ITERATIONS, "mind")
+    assert (seen[-1].iterations, seen[-1].similarity) == (DEFAULT_REFINE_ITERATIONS, "mind")
     # refinement off: "auto" cannot skip the network, whatever it finds
-    r = register(pair.fixed, inverted, model=model, initial_alignment="none", refine=0)
-    assert r.network and r.contrast == "different" and r.refine is None
+    r = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none",
+                 refine_iterations=0)
+    assert r.network and r.contrast == "different" and r.refinement is None
     with pytest.raises(InputError, match="refinement is the whole registration"):
-        register(pair.fixed, pair.moving, model=model, contrast="different", refine=0)
+        register(pair.fixed, pair.moving, loaded_model=model, contrast="different",
+                 refine_iterations=0)
     with pytest.raises(InputError, match="unknown contrast"):
-        register(pair.fixed, pair.moving, model=model, contrast="T1")
+        register(pair.fixed, pair.moving, loaded_model=model, contrast="T1")
 
 
 def test_a_contrast_agnostic_model_keeps_the_network_on_two_contrasts(phantom_pairs, tmp_path):
@@ -105,11 +111,12 @@ def test_a_contrast_agnostic_model_keeps_the_network_on_two_contrasts(phantom_pa
     modelfile.save_model(path, net, {"name": "mind", "working_spacing_mm": [2.0, 2.0, 2.0]})
     model = modelfile.load_model(path)
     assert model.model.contrast_agnostic
-    r = register(pair.fixed, inverted, model=model, initial_alignment="none", refine=2)
+    r = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none",
+                 refine_iterations=2)
     assert r.contrast == "different" and r.network and "registering" in r.timings
-    assert r.refine.similarity == "mind"
+    assert r.refinement["similarity"] == "mind"
     assert "network + MIND-SSC refinement, 2 steps" in r.method
-    only = register(pair.fixed, inverted, model=model, initial_alignment="none", refine=0,
-                    contrast="different")
-    assert only.network and only.refine is None
+    only = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none",
+                    refine_iterations=0, contrast="different")
+    assert only.network and only.refinement is None
     assert np.abs(sitk.GetArrayFromImage(only.displacement)).max() > 0.05

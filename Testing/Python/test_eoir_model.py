@@ -4,10 +4,10 @@ import pickle
 import pytest
 import torch
 
-from EOIRRegistrationLib import modelfile
-from EOIRRegistrationLib.complexity import count_multiply_adds, count_parameters
-from EOIRRegistrationLib.errors import ModelFileError
+from EOIRRegistrationLib.core.errors import ModelFileError
+from EOIRRegistrationLib.engine import modelfile
 from EOIRRegistrationLib.models import build_model
+from EOIRRegistrationLib.models.complexity import count_multiply_adds, count_parameters
 
 
 @pytest.mark.parametrize("ns,expected", [(32, 909_232), (16, 294_272), (8, 111_208)])

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from EOIRRegistrationLib import geometry
 from helpers import oblique_image, rotation
+
+from EOIRRegistrationLib.core import geometry
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_displacement_image_round_trip_keeps_values_and_geometry():
 def test_arrays_taken_from_images_do_not_alias_their_buffers():
     """A tensor or slice that shared an image's buffer would read freed memory once the image
     (often a temporary) is gone; the overview's moving slice did, and showed garbage."""
-    from EOIRRegistrationLib import overview
+    from EOIRRegistrationLib.cli import overview
 
     img = sitk.GetImageFromArray(np.arange(24, dtype=np.float64).reshape(2, 3, 4))
     t = geometry.image_to_tensor(img, torch.float64)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from EOIRRegistrationLib.intensity import normalize, window_of
+from EOIRRegistrationLib.core.intensity import normalize, window_of
 
 
 def _percentile_by_hand(values: np.ndarray, p: float) -> float:

@@ -4,7 +4,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from EOIRRegistrationLib import cli, metrics, modelfile
+from EOIRRegistrationLib.cli import train as train_cli
+from EOIRRegistrationLib.core import qa
+from EOIRRegistrationLib.engine import modelfile
 from EOIRRegistrationLib.training.labelmaps import LabelMapSource, centroid_affine
 
 
@@ -61,7 +63,7 @@ def folder(tmp_path):
 def test_maps_are_aligned_at_load_and_pairs_are_augmented(folder):
     src = LabelMapSource(folder, shape=(16, 16, 16), spacing=2.0, skull_strip_probability=1.0)
     values = [2, 4, 10, 17, 43, 53]
-    aligned = metrics.dice(src.maps[0].numpy(), src.maps[1].numpy(), values)
+    aligned = qa.dice(src.maps[0].numpy(), src.maps[1].numpy(), values)
     assert np.nanmean(list(aligned.values())) > 0.9  # the roll is undone by the centroid affine
     pair = src.sample(torch.Generator().manual_seed(3))
     assert pair["fixed"].shape == (1, 1, 16, 16, 16) and pair["fixed"].max() <= 1
@@ -107,9 +109,9 @@ def test_lncc_training_with_a_contrast_target_and_fine_tuning(folder, tmp_path):
             "--dice-weight", "1", "--dice-labels", "standard30", "--iterations", "2",
             "--validate-every", "2", "--validation-pairs", "1", "--threads", "1"]
     first = tmp_path / "first"
-    assert cli.train_main(["--output-dir", str(first), *args]) == 0
+    assert train_cli.main(["--output-dir", str(first), *args]) == 0
     tuned = tmp_path / "tuned"
-    assert cli.train_main(["--output-dir", str(tuned), *args, "--init-from",
+    assert train_cli.main(["--output-dir", str(tuned), *args, "--init-from",
                            str(first / "model.pt"), "--iterations", "0",
                            "--data-options", '{"same_contrast_probability": 0.5}']) == 0
     a = modelfile.load_model(first / "model.pt")
@@ -117,22 +119,22 @@ def test_lncc_training_with_a_contrast_target_and_fine_tuning(folder, tmp_path):
     # Zero iterations from the first model: the second starts exactly from its weights.
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
     assert b.card["training_config"]["init_from"] == str(first / "model.pt")
-    assert b.card["objective"]["label_values"] == list(metrics.STANDARD_30_LABELS)
+    assert b.card["objective"]["label_values"] == list(qa.STANDARD_30_LABELS)
 
 
 def test_fine_tuning_refuses_another_configuration(folder, tmp_path, capsys):
     first = tmp_path / "first"
     base = ["--data", f"labelmaps:{folder}", "--shape", "16", "16", "16", "--working-spacing",
             "2", "2", "2", "--iterations", "0", "--validation-pairs", "1", "--threads", "1"]
-    assert cli.train_main(["--output-dir", str(first), "--channels", "4", "--levels", "3",
+    assert train_cli.main(["--output-dir", str(first), "--channels", "4", "--levels", "3",
                            *base]) == 0
-    assert cli.train_main(["--output-dir", str(tmp_path / "b"), "--channels", "6", "--levels",
+    assert train_cli.main(["--output-dir", str(tmp_path / "b"), "--channels", "6", "--levels",
                            "3", "--init-from", str(first / "model.pt"), *base]) == 2
     assert "that model is eoir" in capsys.readouterr().err
 
 
 def test_data_options_are_refused_for_other_sources(tmp_path, capsys):
-    assert cli.train_main(["--output-dir", str(tmp_path / "r"), "--channels", "4", "--levels",
+    assert train_cli.main(["--output-dir", str(tmp_path / "r"), "--channels", "4", "--levels",
                            "3", "--shape", "16", "16", "16", "--iterations", "0",
                            "--data-options", '{"same_contrast_probability": 1}']) == 2
     assert "labelmaps: data only" in capsys.readouterr().err
@@ -140,7 +142,7 @@ def test_data_options_are_refused_for_other_sources(tmp_path, capsys):
 
 def test_dice_only_training_on_label_maps_runs(folder, tmp_path):
     out = tmp_path / "run"
-    assert cli.train_main(["--output-dir", str(out), "--data", f"labelmaps:{folder}",
+    assert train_cli.main(["--output-dir", str(out), "--data", f"labelmaps:{folder}",
                            "--channels", "4", "--levels", "3", "--shape", "16", "16", "16",
                            "--working-spacing", "2", "2", "2", "--similarity", "none",
                            "--dice-weight", "1", "--iterations", "2", "--validate-every", "2",
@@ -197,8 +199,8 @@ def test_distillation_pulls_the_student_towards_the_teacher_on_two_contrasts(fol
               "--validate-every", "1000", "--validation-pairs", "1", "--threads", "1",
               "--distill-from", str(tmp_path / "teacher.pt")]
     before, after = tmp_path / "before", tmp_path / "after"
-    assert cli.train_main(["--output-dir", str(before), *common, "--iterations", "0"]) == 0
-    assert cli.train_main(["--output-dir", str(after), *common, "--iterations", "40"]) == 0
+    assert train_cli.main(["--output-dir", str(before), *common, "--iterations", "0"]) == 0
+    assert train_cli.main(["--output-dir", str(after), *common, "--iterations", "40"]) == 0
     assert gap(after / "model.pt") < 0.6 * gap(before / "model.pt")
     card = modelfile.load_model(after / "model.pt").card
     assert card["training_config"]["distill_from"] == str(tmp_path / "teacher.pt")
@@ -209,21 +211,21 @@ def test_distillation_refuses_sources_and_teachers_it_cannot_use(folder, tmp_pat
     teacher = str(_teacher_file(tmp_path / "teacher.pt"))
     base = ["--channels", "4", "--levels", "3", "--shape", "16", "16", "16", "--iterations", "0",
             "--validation-pairs", "1", "--threads", "1", "--distill-from"]
-    assert cli.train_main(["--output-dir", str(tmp_path / "a"), *base, teacher]) == 2
+    assert train_cli.main(["--output-dir", str(tmp_path / "a"), *base, teacher]) == 2
     assert "needs labelmaps: data" in capsys.readouterr().err
     coarse = str(_teacher_file(tmp_path / "coarse.pt", spacing=3.0))
-    assert cli.train_main(["--output-dir", str(tmp_path / "b"), "--data", f"labelmaps:{folder}",
+    assert train_cli.main(["--output-dir", str(tmp_path / "b"), "--data", f"labelmaps:{folder}",
                            "--working-spacing", "2", "2", "2", *base, coarse]) == 2
     assert "teacher works at [3.0, 3.0, 3.0] mm" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before anything is written
-    assert cli.train_main(["--output-dir", str(tmp_path / "c"), "--data", f"labelmaps:{folder}",
+    assert train_cli.main(["--output-dir", str(tmp_path / "c"), "--data", f"labelmaps:{folder}",
                            *base[:-1], "--distill-weight", "2"]) == 2
     assert "--distill-weight needs --distill-from" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # refused before anything is written
 
 
 def test_python_api_refuses_a_distillation_weight_without_a_teacher(folder, tmp_path):
-    from EOIRRegistrationLib.errors import InputError
+    from EOIRRegistrationLib.core.errors import InputError
     from EOIRRegistrationLib.training.trainer import TrainConfig, train
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), data=f"labelmaps:{folder}",
                       model_config={"channels": 4, "levels": 3}, shape=(16, 16, 16),

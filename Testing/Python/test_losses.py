@@ -1,11 +1,11 @@
-"""Tests of EOIRRegistrationLib.losses against closed-form / brute-force expectations."""
+"""Tests of EOIRRegistrationLib.core.losses against closed-form / brute-force expectations."""
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from EOIRRegistrationLib import losses
+from EOIRRegistrationLib.core import losses
 
 
 def _smooth_random(shape, seed=0):

@@ -1,11 +1,11 @@
-"""Tests of EOIRRegistrationLib.metrics against closed-form expectations."""
+"""Tests of EOIRRegistrationLib.core.metrics and core.qa against closed-form expectations."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from EOIRRegistrationLib import geometry, metrics
+from EOIRRegistrationLib.core import geometry, metrics, qa
 
 
 def _rotation(ax, ay, az):
@@ -123,7 +123,7 @@ def test_jacobian_voxel_affine_zero_and_folding(shape):
     flip[0, 0] = -2.0 * p[0]  # k -> -k: det -1 everywhere
     det = metrics.jacobian_determinant_voxel(flip)
     assert torch.equal(det, -torch.ones(1, *shape, dtype=torch.float64))
-    assert metrics.folding_fraction(det) == 1.0
+    assert qa.folding_fraction(det) == 1.0
 
 
 def test_jacobian_voxel_bad_shape():
@@ -133,36 +133,36 @@ def test_jacobian_voxel_bad_shape():
 
 def test_folding_fraction_and_mask():
     det = torch.tensor([[-1.0, 0.0], [0.5, 2.0]])
-    assert metrics.folding_fraction(det) == 0.5
-    assert metrics.folding_fraction(det.numpy()) == 0.5
+    assert qa.folding_fraction(det) == 0.5
+    assert qa.folding_fraction(det.numpy()) == 0.5
     mask = np.array([[True, False], [True, True]])
-    assert metrics.folding_fraction(det, mask) == pytest.approx(1 / 3)
-    assert math.isnan(metrics.folding_fraction(det, np.zeros((2, 2), bool)))
+    assert qa.folding_fraction(det, mask) == pytest.approx(1 / 3)
+    assert math.isnan(qa.folding_fraction(det, np.zeros((2, 2), bool)))
     with pytest.raises(ValueError, match="folding_fraction.*mask"):
-        metrics.folding_fraction(det, np.ones((3, 2), bool))
+        qa.folding_fraction(det, np.ones((3, 2), bool))
 
 
 def test_sdlogj_values_clip_and_mask():
     det = np.exp(np.array([-1.0, 1.0, -1.0, 1.0]))
-    assert metrics.sdlogj(det) == pytest.approx(1.0, abs=1e-12)
+    assert qa.sdlogj(det) == pytest.approx(1.0, abs=1e-12)
     # Non-positive det clipped to 1e-9: std of (log 1e-9, 0) = -log(1e-9) / 2.
-    assert metrics.sdlogj(torch.tensor([-5.0, 1.0])) == pytest.approx(-math.log(1e-9) / 2,
+    assert qa.sdlogj(torch.tensor([-5.0, 1.0])) == pytest.approx(-math.log(1e-9) / 2,
                                                                       rel=1e-9)
-    assert metrics.sdlogj(np.array([0.0, 1.0])) == pytest.approx(-math.log(1e-9) / 2, rel=1e-9)
+    assert qa.sdlogj(np.array([0.0, 1.0])) == pytest.approx(-math.log(1e-9) / 2, rel=1e-9)
     det2 = np.array([math.e, 1 / math.e, 100.0])
-    assert metrics.sdlogj(det2, np.array([True, True, False])) == pytest.approx(1.0, abs=1e-12)
-    assert metrics.sdlogj(np.ones((3, 3))) == 0.0
+    assert qa.sdlogj(det2, np.array([True, True, False])) == pytest.approx(1.0, abs=1e-12)
+    assert qa.sdlogj(np.ones((3, 3))) == 0.0
 
 
 def test_jacobian_summary():
     det = torch.tensor([-0.5, 0.5, 1.0, 2.0])
-    s = metrics.jacobian_summary(det)
+    s = qa.jacobian_summary(det)
     assert set(s) == {"folding_percent", "sdlogj", "jacobian_min", "jacobian_max"}
     assert all(type(v) is float for v in s.values())
     assert s["folding_percent"] == 25.0
     assert s["jacobian_min"] == -0.5 and s["jacobian_max"] == 2.0
-    assert s["sdlogj"] == pytest.approx(metrics.sdlogj(det))
-    m = metrics.jacobian_summary(det, np.array([False, True, True, False]))
+    assert s["sdlogj"] == pytest.approx(qa.sdlogj(det))
+    m = qa.jacobian_summary(det, np.array([False, True, True, False]))
     assert m["folding_percent"] == 0.0 and m["jacobian_min"] == 0.5 and m["jacobian_max"] == 1.0
     assert m["sdlogj"] == pytest.approx(math.log(2) / 2, abs=1e-12)
 
@@ -182,32 +182,32 @@ def _dice_pair():
 
 def test_dice_known_overlaps():
     a, b = _dice_pair()
-    d = metrics.dice(a, b)
+    d = qa.dice(a, b)
     assert d == {1: 0.5, 2: 0.0, 3: 0.0, 4: 1.0}
     assert all(type(v) is float for v in d.values())
-    sel = metrics.dice(a, b, values=(4, 1, 9))
+    sel = qa.dice(a, b, values=(4, 1, 9))
     assert list(sel) == [4, 1, 9]
     assert sel[4] == 1.0 and sel[1] == 0.5 and math.isnan(sel[9])
-    assert metrics.dice(a, a) == {1: 1.0, 2: 1.0, 4: 1.0}
+    assert qa.dice(a, a) == {1: 1.0, 2: 1.0, 4: 1.0}
     # Large and negative label values take the np.unique path: same answer.
-    big = metrics.dice(a.astype(np.int64) + 70000, b.astype(np.int64) + 70000,
+    big = qa.dice(a.astype(np.int64) + 70000, b.astype(np.int64) + 70000,
                        values=(70001, 70004, 70000))
     assert big[70001] == 0.5 and big[70004] == 1.0
-    neg = metrics.dice(-a.astype(np.int32), -b.astype(np.int32), values=(-1, -2))
+    neg = qa.dice(-a.astype(np.int32), -b.astype(np.int32), values=(-1, -2))
     assert neg == {-1: 0.5, -2: 0.0}
 
 
 def test_dice_bad_inputs():
     a, b = _dice_pair()
     with pytest.raises(ValueError, match="dice.*integer"):
-        metrics.dice(a.astype(float), b)
+        qa.dice(a.astype(float), b)
     with pytest.raises(ValueError, match="dice.*same shape"):
-        metrics.dice(a, b[:1])
+        qa.dice(a, b[:1])
 
 
 def _box(shape, lo, hi, value=5):
     out = np.zeros(shape, np.int32)
-    out[tuple(slice(l, h) for l, h in zip(lo, hi))] = value
+    out[tuple(slice(low, high) for low, high in zip(lo, hi))] = value
     return out
 
 
@@ -265,7 +265,7 @@ def test_hd95_identical_empty_border_and_bad_spacing():
 
 
 def test_standard_30_labels():
-    labels = metrics.STANDARD_30_LABELS
+    labels = qa.STANDARD_30_LABELS
     assert len(labels) == 30 and len(set(labels)) == 30
     assert list(labels) == sorted(labels)
     assert labels[0] == 2 and labels[-1] == 63 and 0 not in labels

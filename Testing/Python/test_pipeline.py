@@ -1,18 +1,19 @@
 """register(): physical correctness from image to image, refinement, progress/cancel, errors."""
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from EOIRRegistrationLib import alignment, geometry, modelfile
-from EOIRRegistrationLib.errors import DeviceError, InputError, RegistrationCancelled
-from EOIRRegistrationLib.phantom import make_phantom_pair
-from EOIRRegistrationLib import pipeline as pipeline_module
-from EOIRRegistrationLib.pipeline import register
-from EOIRRegistrationLib.refine import RefineConfig
 from helpers import oblique_image, write_tiny_model
+
+from EOIRRegistrationLib.core import geometry
+from EOIRRegistrationLib.core.errors import DeviceError, InputError, RegistrationCancelled
+from EOIRRegistrationLib.engine import alignment, modelfile, refine
+from EOIRRegistrationLib.engine import pipeline as pipeline_module
+from EOIRRegistrationLib.engine.pipeline import register
+from EOIRRegistrationLib.training.phantom import make_phantom_pair
 
 
 def tiny_model(tmp_path, name, out_std, spacing=(3.0, 3.0, 3.0)):
@@ -32,7 +33,7 @@ def fixed_moving():
 def test_displacement_applied_by_simpleitk_reproduces_the_warped_image(fixed_moving, tmp_path):
     fixed, moving = fixed_moving
     # two unrelated images: no initial alignment, so that they overlap as given
-    result = register(fixed, moving, model=tiny_model(tmp_path, "random", 0.05),
+    result = register(fixed, moving, loaded_model=tiny_model(tmp_path, "random", 0.05),
                       initial_alignment="none")
     disp = sitk.GetArrayFromImage(result.displacement)
     assert np.abs(disp).max() > 1.0  # a real deformation, in mm
@@ -50,8 +51,8 @@ def test_displacement_applied_by_simpleitk_reproduces_the_warped_image(fixed_mov
 
 def test_identity_model_gives_identity_outputs(fixed_moving, tmp_path):
     fixed, moving = fixed_moving
-    result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0),
-                      initial_alignment="none", refine=0)
+    result = register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0),
+                      initial_alignment="none", refine_iterations=0)
     assert np.all(sitk.GetArrayFromImage(result.displacement) == 0)
     assert np.all(sitk.GetArrayFromImage(result.jacobian) == 1)
     assert result.qa["folding_percent"] == 0 and result.qa["sdlogj"] == 0
@@ -66,17 +67,24 @@ def _phantom_fixed():
     return sitk.Cast(pair.fixed, sitk.sitkFloat32), pair.fixed_labels
 
 
-def _recover(fixed, transform, tmp_path):
+def _recover(fixed, transform, tmp_path, monkeypatch):
     """Moving = fixed seen through ``transform`` on another grid; fit it by refinement alone."""
     moving = sitk.Resample(fixed, [s + 6 for s in fixed.GetSize()], transform, sitk.sitkLinear,
                            [o - 5 for o in fixed.GetOrigin()], (2.2, 1.8, 2.4),
                            fixed.GetDirection(), 0.0, sitk.sitkFloat32)
-    result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
-                      # Uniform blobs leave most voxels without texture: smooth more than the
-                      # brain-tuned default (0.5) so the motion carries into them.
-                      refine=RefineConfig(iterations=60, learning_rate=0.1,
-                                          regularization_weight=2.0),
-                      initial_alignment="none")
+    # Uniform blobs leave most voxels without texture: smooth more than the brain-tuned default
+    # (0.5) so the motion carries into them. The options carry no such tuning, so the pipeline's
+    # call of refine_displacement gets it here (the rest of the path is the engine's own).
+    tuned = []
+
+    def refine_tuned(f, m, u, cfg, **kwargs):
+        tuned.append(cfg)
+        return refine.refine_displacement(f, m, u, replace(cfg, learning_rate=0.1,
+                                                           regularization_weight=2.0), **kwargs)
+    monkeypatch.setattr(pipeline_module, "refine_displacement", refine_tuned)
+    result = register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
+                      refine_iterations=60, initial_alignment="none")
+    assert [(c.iterations, c.similarity) for c in tuned] == [(60, "lncc")]
     return sitk.GetArrayFromImage(result.displacement)
 
 
@@ -86,11 +94,11 @@ def _points(image):
     return idx[..., ::-1] @ (grid.direction_matrix @ np.diag(grid.spacing)).T + grid.origin
 
 
-def test_known_translation_is_recovered_by_optimisation(tmp_path):
+def test_known_translation_is_recovered_by_optimisation(tmp_path, monkeypatch):
     fixed, labels = _phantom_fixed()
     t = np.array([3.0, -2.0, 1.5])
     # moving(y) = fixed(y + t), so fixed(x) = moving(x - t): the true displacement is -t.
-    disp = _recover(fixed, sitk.TranslationTransform(3, tuple(t)), tmp_path)
+    disp = _recover(fixed, sitk.TranslationTransform(3, tuple(t)), tmp_path, monkeypatch)
     inside = sitk.GetArrayFromImage(sitk.BinaryErode(labels > 0, [3, 3, 3])) > 0
     # Tolerance: LNCC on piecewise-constant blobs leaves ~0.1 working voxel (2.5 mm) of bias.
     assert np.all(np.abs(disp[inside].mean(axis=0) + t) < 0.5), disp[inside].mean(axis=0)
@@ -98,11 +106,11 @@ def test_known_translation_is_recovered_by_optimisation(tmp_path):
     assert err.mean() < 0.75, f"mean error {err.mean():.2f} mm for a {np.linalg.norm(t):.2f} mm shift"
 
 
-def test_known_small_rotation_is_recovered_by_optimisation(tmp_path):
+def test_known_small_rotation_is_recovered_by_optimisation(tmp_path, monkeypatch):
     fixed, labels = _phantom_fixed()
     centre = geometry.Grid.from_image(fixed).center()
     rot = sitk.Euler3DTransform(tuple(centre), 0.0, 0.0, np.deg2rad(5.0))
-    disp = _recover(fixed, rot, tmp_path)
+    disp = _recover(fixed, rot, tmp_path, monkeypatch)
     # moving(y) = fixed(R (y - c) + c): the true displacement is R^T (x - c) + c - x.
     r = np.reshape(rot.GetMatrix(), (3, 3))
     x = _points(fixed)
@@ -116,7 +124,7 @@ def test_known_small_rotation_is_recovered_by_optimisation(tmp_path):
 def test_labels_are_warped_by_nearest_neighbour(fixed_moving, tmp_path):
     fixed, moving = fixed_moving
     labels = sitk.Cast(sitk.BinaryThreshold(moving, 0.5, 10.0, 3, 0), sitk.sitkUInt8)
-    result = register(fixed, moving, model=tiny_model(tmp_path, "random", 0.05),
+    result = register(fixed, moving, loaded_model=tiny_model(tmp_path, "random", 0.05),
                       moving_labels=labels)
     out = sitk.GetArrayFromImage(result.warped_labels)
     assert result.warped_labels.GetPixelID() == sitk.sitkUInt8
@@ -126,7 +134,7 @@ def test_labels_are_warped_by_nearest_neighbour(fixed_moving, tmp_path):
 def test_progress_reports_stages_in_order_and_cancel_stops(fixed_moving, tmp_path):
     fixed, moving = fixed_moving
     seen = []
-    register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), contrast="same",
+    register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0), contrast="same",
              progress=lambda stage, f: seen.append((stage, f)))
     assert [s for s, _ in seen][:3] == ["loading model", "preparing images", "registering"]
     assert seen[-1] == ("done", 1.0)
@@ -137,7 +145,7 @@ def test_progress_reports_stages_in_order_and_cancel_stops(fixed_moving, tmp_pat
         if stage == "preparing images":
             cancel.set()
     with pytest.raises(RegistrationCancelled):
-        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), contrast="same",
+        register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0), contrast="same",
                  progress=cancel_at_registering, cancel=cancel)
 
 
@@ -164,7 +172,7 @@ def test_bad_images_are_refused_with_the_reason(fixed_moving, make, match):
 def test_cuda_request_without_a_gpu_is_a_clear_error(fixed_moving, tmp_path):
     fixed, moving = fixed_moving
     with pytest.raises(DeviceError, match="no CUDA GPU"):
-        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cuda",
+        register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0), device="cuda",
                  contrast="same")
 
 
@@ -185,7 +193,7 @@ def test_gpu_out_of_memory_falls_back_to_cpu_with_auto(fixed_moving, tmp_path, m
     monkeypatch.setattr(pipeline_module, "resolve_device", lambda spec: torch.device("cuda"))
     monkeypatch.setattr(pipeline_module, "run_network", _oom_on_cuda(calls))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="auto",
+    result = register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0), device="auto",
                       contrast="same", progress=lambda s, f: stages.append(s))
     assert calls == ["cuda", "cpu"] and result.device == "cpu"
     assert any("out of memory" in s for s in stages)
@@ -198,7 +206,7 @@ def test_gpu_out_of_memory_with_explicit_cuda_is_a_clear_error(fixed_moving, tmp
     monkeypatch.setattr(pipeline_module, "run_network", _oom_on_cuda([]))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     with pytest.raises(DeviceError, match="ran out of memory.*coarser working spacing"):
-        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cuda",
+        register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0), device="cuda",
                  contrast="same")
 
 
@@ -210,7 +218,7 @@ def test_cpu_out_of_memory_is_a_clear_error(fixed_moving, tmp_path, monkeypatch)
                            "enough memory: you tried to allocate 68719476736 bytes.")
     monkeypatch.setattr(pipeline_module, "run_network", fake)
     with pytest.raises(DeviceError, match="ran out of memory.*coarser working spacing"):
-        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0), device="cpu",
+        register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0), device="cpu",
                  contrast="same")
 
 
@@ -228,8 +236,10 @@ def _rotated_pair(angle_deg=25.0, shift=(12.0, -8.0, 5.0)):
 
 def test_a_given_linear_transform_is_folded_into_the_displacement(tmp_path):
     fixed, labels, moving, truth = _rotated_pair()
-    result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
-                      initial_transform=truth, refine=0)
+    result = register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
+                      initial_transform=alignment.matrix_from_transform(truth),
+                      refine_iterations=0)
+    assert result.initial_alignment == "given"
     x = _points(fixed)
     expected = np.stack([np.asarray(truth.TransformPoint(tuple(p))) for p in
                          x.reshape(-1, 3)]).reshape(x.shape) - x
@@ -255,7 +265,7 @@ def test_centre_of_mass_start_recovers_a_large_shift(tmp_path):
                            sitk.TranslationTransform(3, tuple(shift)), sitk.sitkLinear,
                            [o - 20 for o in fixed.GetOrigin()], fixed.GetSpacing(),
                            fixed.GetDirection(), 0.0, sitk.sitkFloat32)
-    result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
+    result = register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
                       initial_alignment="com")
     disp = sitk.GetArrayFromImage(result.displacement)
     # moving(y) = fixed(y + s): the true displacement is -s everywhere.
@@ -268,16 +278,20 @@ def test_non_linear_initial_transforms_are_refused(fixed_moving, tmp_path):
     field.CopyInformation(fixed)
     field = sitk.Add(field, sitk.Compose(*[sitk.Cast(sitk.SmoothingRecursiveGaussian(
         fixed, 2.0) * 10.0, sitk.sitkFloat64)] * 3))
+    transform = sitk.DisplacementFieldTransform(field)
     with pytest.raises(InputError, match="not linear"):
-        register(fixed, moving, model=tiny_model(tmp_path, "zero", 0),
-                 initial_transform=sitk.DisplacementFieldTransform(field))
+        alignment.matrix_from_transform(transform)
+    # the engine takes a 4x4 matrix only: a transform object is refused, not misread
+    with pytest.raises(InputError, match="4x4"):
+        register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0),
+                 initial_transform=transform)
 
 
 @pytest.mark.parametrize("angle", [25.0, -20.0])
 def test_affine_start_recovers_a_large_rotation(tmp_path, angle):
     fixed, labels, moving, truth = _rotated_pair(angle)
-    result = register(fixed, moving, model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
-                      initial_alignment="affine", refine=0)
+    result = register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
+                      initial_alignment="affine", refine_iterations=0)
     x = _points(fixed)
     inside = sitk.GetArrayFromImage(labels) > 0
     expected = np.stack([np.asarray(truth.TransformPoint(tuple(p))) for p in x[inside]]) - x[inside]
@@ -288,7 +302,8 @@ def test_affine_start_recovers_a_large_rotation(tmp_path, angle):
 def test_auto_alignment_applies_the_affine_only_when_the_inputs_are_misaligned(tmp_path):
     model = tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5))
     fixed, labels, moving, truth = _rotated_pair(25.0)
-    result = register(fixed, moving, model=model, refine=0)  # the default is "auto"
+    # initial_alignment left at its default, "auto"
+    result = register(fixed, moving, loaded_model=model, refine_iterations=0)
     assert result.initial_alignment == "affine"
     x = _points(fixed)
     inside = sitk.GetArrayFromImage(labels) > 0
@@ -299,7 +314,7 @@ def test_auto_alignment_applies_the_affine_only_when_the_inputs_are_misaligned(t
     resampled = sitk.Resample(fixed, [s + 6 for s in fixed.GetSize()], sitk.Transform(),
                               sitk.sitkLinear, [o - 5 for o in fixed.GetOrigin()],
                               (2.1, 1.9, 2.3), fixed.GetDirection(), 0.0, sitk.sitkFloat32)
-    aligned = register(fixed, resampled, model=model, refine=0)
+    aligned = register(fixed, resampled, loaded_model=model, refine_iterations=0)
     assert aligned.initial_alignment == "none"
     assert np.array_equal(aligned.initial_matrix, np.eye(4))
 
@@ -353,15 +368,15 @@ def test_without_the_network_the_refinement_alone_registers_from_the_start(tmp_p
     result says which path was taken."""
     pair = make_phantom_pair(seed=4, shape=(32, 32, 32), spacing=(2.0, 2.0, 2.0),
                              rotation=(0, 0, 0), velocity=2.0)
-    cfg = RefineConfig(iterations=5, similarity="mind")
+    cfg = {"refine_iterations": 5, "refine_similarity": "mind"}
     moving_model = write_tiny_model(tmp_path / "moves.pt", 0.05, spacing=(2.5, 2.5, 2.5))
     zero_model = write_tiny_model(tmp_path / "zero.pt", 0.0, spacing=(2.5, 2.5, 2.5))
     alone = register(pair.fixed, pair.moving, model=moving_model, initial_alignment="none",
-                     refine=cfg, network=False)
+                     network=False, **cfg)
     reference = register(pair.fixed, pair.moving, model=zero_model, initial_alignment="none",
-                         refine=cfg)
+                         **cfg)
     with_network = register(pair.fixed, pair.moving, model=moving_model, initial_alignment="none",
-                            refine=cfg)
+                            **cfg)
     a, b, c = (sitk.GetArrayFromImage(r.displacement) for r in (alone, reference, with_network))
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert np.abs(c - a).max() > 0.1  # the network does move voxels when it runs
@@ -369,7 +384,7 @@ def test_without_the_network_the_refinement_alone_registers_from_the_start(tmp_p
     assert alone.network is False and with_network.network is True
     assert "registering" not in alone.timings and "refining" in alone.timings
     with pytest.raises(InputError, match="refinement is the whole registration"):
-        register(pair.fixed, pair.moving, model=zero_model, refine=0, network=False)
+        register(pair.fixed, pair.moving, model=zero_model, refine_iterations=0, network=False)
 
 
 def test_the_refinement_falls_back_to_the_cpu_like_the_network():

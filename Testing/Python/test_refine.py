@@ -1,11 +1,13 @@
-"""Instance optimisation (refine.py): LNCC for one contrast, MIND-SSC for two."""
+"""Instance optimisation (engine/refine.py): LNCC for one contrast, MIND-SSC for two."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from EOIRRegistrationLib import geometry, metrics, spatial
-from EOIRRegistrationLib.phantom import make_phantom_pair
-from EOIRRegistrationLib.refine import SAMPLE_FRACTION, RefineConfig, refine_displacement
+from EOIRRegistrationLib.core import geometry, metrics, qa, spatial
+from EOIRRegistrationLib.engine.refine import SAMPLE_FRACTION, RefineConfig, refine_displacement
+from EOIRRegistrationLib.training.phantom import make_phantom_pair
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def cross_contrast_pair():
 def _dice(u, fixed_labels, moving_labels):
     warped = spatial.warp(moving_labels.float(), u, mode="nearest").long()
     values = [int(v) for v in torch.unique(fixed_labels) if v != 0]
-    d = metrics.dice(fixed_labels[0, 0].numpy(), warped[0, 0].numpy(), values)
+    d = qa.dice(fixed_labels[0, 0].numpy(), warped[0, 0].numpy(), values)
     return float(np.nanmean(list(d.values())))
 
 
@@ -37,7 +39,7 @@ def test_mind_refinement_aligns_two_contrasts_without_folding(cross_contrast_pai
     after = _dice(u, fl, ml)
     assert after > before + 0.05, (before, after)
     det = metrics.jacobian_determinant_voxel(u)
-    assert metrics.folding_fraction(det) == 0.0
+    assert qa.folding_fraction(det) == 0.0
 
 
 def test_refinement_starts_from_the_given_displacement_and_refuses_unknown_similarities(
@@ -86,44 +88,75 @@ def test_the_default_refinement_improves_a_deformed_pair_in_a_few_steps():
     u = refine_displacement(fixed, moving, None, RefineConfig())
     assert RefineConfig().resolved().iterations == 10
     assert _dice(u, fl, ml) > before + 0.15, (before, _dice(u, fl, ml))  # measured 0.46 -> 0.73
-    assert metrics.folding_fraction(metrics.jacobian_determinant_voxel(u)) == 0.0
+    assert qa.folding_fraction(metrics.jacobian_determinant_voxel(u)) == 0.0
 
 
-def test_every_front_end_uses_the_engines_default_refinement():
-    """The CLI repeats the defaults for its --help (no torch import); the CLI, the Slicer logic
-    and its worker leave the choice to the engine."""
+def test_every_front_end_uses_the_engines_default_refinement(tmp_path, monkeypatch):
+    """The defaults are defined once (engine/options.py) and the CLI's --help states them; the
+    CLI, the Slicer logic and its worker leave the choice to the engine."""
     import inspect
 
-    from EOIRRegistrationLib import cli, pipeline, refine, slicer_logic, slicer_worker
+    import SimpleITK as sitk
 
-    assert cli.DEFAULT_REFINE_ITERATIONS == refine.DEFAULT_ITERATIONS
-    assert cli.DEFAULT_REFINE_ITERATIONS_ALONE == refine.DEFAULT_ITERATIONS_ALONE
+    from EOIRRegistrationLib.cli import register as register_cli
+    from EOIRRegistrationLib.core.errors import InputError
+    from EOIRRegistrationLib.engine import options as options_module
+    from EOIRRegistrationLib.engine import pipeline, refine
+    from EOIRRegistrationLib.engine.options import RegistrationOptions
+    from EOIRRegistrationLib.slicer import logic as slicer_logic
+    from EOIRRegistrationLib.slicer import worker as slicer_worker
+
+    help_text = " ".join(register_cli.parser().format_help().split())
+    assert (f"default {options_module.DEFAULT_REFINE_ITERATIONS} after the network, "
+            f"{options_module.DEFAULT_REFINE_ITERATIONS_ALONE} without it" in help_text)
     # every front end leaves the steps and the similarity to the engine, which picks them by
     # contrast: 10 LNCC steps after the network, 40 MIND-SSC steps without it
-    assert cli._register_parser().parse_args(["f", "m", "--output-dir", "o"]).refine is None
-    assert inspect.signature(pipeline.register).parameters["refine"].default == RefineConfig()
-    assert slicer_worker._refine({}) == RefineConfig()
-    assert slicer_logic.checkEngineOptions() == ("auto", None, 0.0, None, None, "auto")
-    assert slicer_worker._refine({"refine_iterations": 0}) is None
-    # one rule turns every front end's options into the engine's argument
-    assert refine.config_from_options(0, 5.0, "mind") is None
-    assert refine.config_from_options(None, 0.0, "") == RefineConfig()
-    assert refine.config_from_options(7, 2.5, "mind") == RefineConfig(
-        iterations=7, time_budget_s=2.5, similarity="mind")
-    assert slicer_worker._refine({"refine_iterations": 7, "refine_seconds": 2.5,
-                                  "refine_similarity": "mind"}) == RefineConfig(
+    args = register_cli.parser().parse_args(["f", "m", "--output-dir", "o"])
+    assert args.refine is None and args.refine_similarity is None
+    assert register_cli.options_from_args(args) == RegistrationOptions()
+    assert inspect.signature(pipeline.register).parameters["options"].default is None
+    assert inspect.signature(
+        slicer_logic.RegistrationLogic.registerVolumes).parameters["options"].default is None
+    assert refine.config_from_options(RegistrationOptions()) == RefineConfig()
+    # the Slicer worker registers with the options of its job file, as given
+    seen = []
+
+    def spy_engine(fixed, moving, options, **kwargs):
+        seen.append(options)
+        raise InputError("stop here")
+    monkeypatch.setattr(slicer_worker, "_engine", lambda spec: spy_engine)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((4, 5, 6)).astype(np.float32))
+    for job_options in (RegistrationOptions(), RegistrationOptions(refine_iterations=0),
+                        RegistrationOptions(refine_iterations=7, refine_seconds=2.5,
+                                            refine_similarity="mind")):
+        job_dir = tmp_path / f"job{len(seen)}"
+        job_dir.mkdir()
+        for name in ("fixed", "moving"):
+            sitk.WriteImage(image, str(job_dir / f"{name}.mha"))
+        (job_dir / slicer_worker.JOB_FILE).write_text(json.dumps(
+            {"options": job_options.to_dict(), "engine": None, "fixed": "fixed.mha",
+             "moving": "moving.mha", "labels": None}))
+        assert slicer_worker.run(job_dir) == slicer_worker.EXIT_ERROR
+        assert seen[-1] == job_options
+    assert refine.config_from_options(seen[0]) == RefineConfig()
+    assert refine.config_from_options(seen[1]) is None
+    # one rule turns every front end's options into the engine's refinement
+    assert refine.config_from_options(RegistrationOptions(
+        refine_iterations=0, refine_seconds=5.0, refine_similarity="mind")) is None
+    assert refine.config_from_options(seen[2]) == RefineConfig(
         iterations=7, time_budget_s=2.5, similarity="mind")
     assert RefineConfig().resolved(after_network=True, same_contrast=True) == RefineConfig(
-        iterations=refine.DEFAULT_ITERATIONS, similarity="lncc", sample_fraction=1.0)
+        iterations=options_module.DEFAULT_REFINE_ITERATIONS, similarity="lncc",
+        sample_fraction=1.0)
     assert RefineConfig().resolved(after_network=False, same_contrast=False) == RefineConfig(
-        iterations=refine.DEFAULT_ITERATIONS_ALONE, similarity="mind",
+        iterations=options_module.DEFAULT_REFINE_ITERATIONS_ALONE, similarity="mind",
         sample_fraction=refine.SAMPLE_FRACTION)
     assert RefineConfig(iterations=3, similarity="lncc").resolved(False, False) == RefineConfig(
         iterations=3, similarity="lncc", sample_fraction=1.0)  # explicit choices stay
 
 
 def test_the_written_out_adam_matches_torch_optim_adam():
-    from EOIRRegistrationLib.refine import Adam
+    from EOIRRegistrationLib.engine.refine import Adam
 
     g = torch.Generator().manual_seed(0)
     target = torch.randn(2, 3, 4, generator=g)
@@ -142,7 +175,7 @@ def test_the_written_out_adam_matches_torch_optim_adam():
 
 
 def test_the_residual_at_points_matches_the_dense_residual_there():
-    from EOIRRegistrationLib.refine import _residual_at
+    from EOIRRegistrationLib.engine.refine import _residual_at
     shape = (13, 10, 9)  # coarse grid 6 x 5 x 4: unequal, non-integer ratios
     v = torch.randn(1, 3, 6, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     dense = spatial.resize_displacement(spatial.integrate_velocity(v, 5), shape)
@@ -162,7 +195,7 @@ def test_sampled_mind_refinement_is_reproducible_and_as_good_as_the_dense_one(
     assert torch.equal(sampled, refine_displacement(fixed, moving, None, cfg))  # seeded draws
     assert not torch.equal(sampled, dense)  # it did sample
     assert _dice(sampled, fl, ml) > _dice(dense, fl, ml) - 0.03
-    assert metrics.folding_fraction(metrics.jacobian_determinant_voxel(sampled)) == 0.0
+    assert qa.folding_fraction(metrics.jacobian_determinant_voxel(sampled)) == 0.0
     with pytest.raises(ValueError, match="sample_fraction"):
         refine_displacement(fixed, moving, None, RefineConfig(iterations=1, similarity="mind",
                                                               sample_fraction=0))

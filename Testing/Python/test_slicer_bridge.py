@@ -12,9 +12,10 @@ if not hasattr(slicer, "vtkMRMLScene"):  # the name "slicer" taken by something 
 
 import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
+from helpers import add_grid_transform_node  # noqa: E402
 
-from EOIRRegistrationLib import slicer_bridge as bridge  # noqa: E402
-from EOIRRegistrationLib.errors import InputError  # noqa: E402
+from EOIRRegistrationLib.core.errors import InputError  # noqa: E402
+from EOIRRegistrationLib.slicer import bridge, display, segmentations  # noqa: E402
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -138,7 +139,7 @@ def test_volume_under_linear_transform_is_read_in_world_coordinates(scene):
 def test_volume_under_nonlinear_transform_is_refused(scene):
     image = oblique_image()
     node = bridge.imageToVolumeNode(image, scene, "vol")
-    grid = bridge.createGridTransformNode(scene, smooth_displacement(image), "grid")
+    grid = add_grid_transform_node(scene, smooth_displacement(image), "grid")
     node.SetAndObserveTransformNodeID(grid.GetID())
     with pytest.raises(InputError, match="non-linear"):
         bridge.volumeNodeToImage(node)
@@ -158,7 +159,7 @@ def test_vector_volume_is_refused(scene):
 def engine_warp(moving: sitk.Image, fixed: sitk.Image, displacement: sitk.Image) -> np.ndarray:
     """The engine's own resampler (geometry.py): warped(x) = moving(x + d(x))."""
     torch = pytest.importorskip("torch")
-    from EOIRRegistrationLib import geometry
+    from EOIRRegistrationLib.core import geometry
 
     disp, _ = geometry.displacement_from_image(displacement)
     coords = geometry.array_coords_of(geometry.Grid.from_image(fixed),
@@ -180,7 +181,7 @@ def test_hardened_grid_transform_reproduces_engine_warp(scene):
     assert np.abs(expected - sitk.GetArrayFromImage(moving)).max() > 20.0  # a real deformation
 
     moving_node = bridge.imageToVolumeNode(moving, scene, "moving")
-    transform = bridge.createGridTransformNode(scene, displacement, "T")
+    transform = add_grid_transform_node(scene, displacement, "T")
     moving_node.SetAndObserveTransformNodeID(transform.GetID())
     transform_logic = slicer.vtkSlicerTransformLogic()
     transform_logic.SetMRMLScene(scene)
@@ -203,7 +204,7 @@ def test_hardened_grid_transform_reproduces_engine_warp(scene):
 def test_points_through_transform_node_match_engine_and_itk(scene):
     fixed = oblique_image()
     displacement = smooth_displacement(fixed, amplitude=3.0, vanish_at_border=False)
-    transform = bridge.createGridTransformNode(scene, displacement, "T")
+    transform = add_grid_transform_node(scene, displacement, "T")
     from_parent = transform.GetTransformFromParent()
     to_parent = transform.GetTransformToParent()
     d = sitk.GetArrayFromImage(displacement)  # (k, j, i, 3) LPS
@@ -230,7 +231,7 @@ def test_points_through_transform_node_match_engine_and_itk(scene):
 def test_grid_transform_node_gives_back_the_displacement(scene):
     fixed = oblique_image()
     displacement = smooth_displacement(fixed, vanish_at_border=False)
-    transform = bridge.createGridTransformNode(scene, displacement, "T")
+    transform = add_grid_transform_node(scene, displacement, "T")
     back = bridge.gridTransformNodeToDisplacement(transform)
     np.testing.assert_allclose(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(displacement),
                                atol=1e-12)
@@ -244,7 +245,7 @@ def test_saved_transform_reads_back_in_simpleitk(scene, tmp_path, extension):
     """vtkMRMLTransformStorageNode writes the node; SimpleITK reads the same LPS displacement."""
     fixed = oblique_image()
     displacement = smooth_displacement(fixed, vanish_at_border=False)
-    transform = bridge.createGridTransformNode(scene, displacement, "T")
+    transform = add_grid_transform_node(scene, displacement, "T")
     path = tmp_path / f"transform.{extension}"
     storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
     storage.SetFileName(str(path))
@@ -278,7 +279,7 @@ def test_moving_goes_under_the_transform_above_its_own_linear_transforms(scene):
     linear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "prealign")
     moving.SetAndObserveTransformNodeID(linear.GetID())
     other = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "other")
-    grid = bridge.createGridTransformNode(scene, smooth_displacement(image), "T")
+    grid = add_grid_transform_node(scene, smooth_displacement(image), "T")
     grid.SetAndObserveTransformNodeID(other.GetID())
 
     undo = bridge.UndoStack()
@@ -316,15 +317,15 @@ def test_jacobian_overlay_uses_a_diverging_table_centred_on_one(scene):
     image = sitk.GetImageFromArray(det)
     node = bridge.imageToVolumeNode(image, scene, "jac")
     created = []
-    color = bridge.getOrCreateJacobianColorNode(scene, created)
+    color = display.getOrCreateJacobianColorNode(scene, created)
     assert created == [color]
-    assert bridge.getOrCreateJacobianColorNode(scene, created) is color  # shared, not duplicated
+    assert display.getOrCreateJacobianColorNode(scene, created) is color  # shared, not duplicated
     assert len(created) == 1
-    low, high = bridge.showJacobianVolume(node, color)
-    display = node.GetDisplayNode()
-    assert display.GetColorNodeID() == color.GetID()
-    assert not display.GetAutoWindowLevel()
-    assert display.GetLevel() == pytest.approx(1.0)
+    low, high = display.showJacobianVolume(node, color)
+    displayNode = node.GetDisplayNode()
+    assert displayNode.GetColorNodeID() == color.GetID()
+    assert not displayNode.GetAutoWindowLevel()
+    assert displayNode.GetLevel() == pytest.approx(1.0)
     assert (low, high) == pytest.approx((0.4, 1.6))
     lut = color.GetLookupTable()
     n = color.GetNumberOfColors()
@@ -338,8 +339,8 @@ def test_folding_label_map_is_red(scene):
     folding = sitk.Image(5, 5, 5, sitk.sitkUInt8)
     folding[2, 2, 2] = 1
     node = bridge.imageToVolumeNode(folding, scene, "folding", className="vtkMRMLLabelMapVolumeNode")
-    color = bridge.getOrCreateFoldingColorNode(scene)
-    bridge.showFoldingLabelmap(node, color)
+    color = display.getOrCreateFoldingColorNode(scene)
+    display.showFoldingLabelmap(node, color)
     assert node.GetDisplayNode().GetColorNodeID() == color.GetID()
     assert color.GetLookupTable().GetTableValue(1) == pytest.approx((1.0, 0.0, 0.0, 1.0))
     assert color.GetLookupTable().GetTableValue(0)[3] == 0.0
@@ -356,7 +357,7 @@ def test_slice_viewer_layers(scene):
     jac = bridge.imageToVolumeNode(oblique_image(seed=2), scene, "jac")
     fold = bridge.imageToVolumeNode(sitk.Image(4, 4, 4, sitk.sitkUInt8), scene, "fold",
                                     className="vtkMRMLLabelMapVolumeNode")
-    assert bridge.setSliceViewerLayers(scene, background=fixed, foreground=jac,
+    assert display.setSliceViewerLayers(scene, background=fixed, foreground=jac,
                                        foregroundOpacity=0.5, label=fold) == 2
     for composite in composites:
         assert composite.GetBackgroundVolumeID() == fixed.GetID()
@@ -397,7 +398,7 @@ def test_segmentation_round_trip_keeps_ids_names_colours_and_voxels(scene):
     reference = bridge.imageToVolumeNode(oblique_image(), scene, "moving")
     segmentation, labels = make_segmentation(scene, reference)
     before = node_ids(scene)
-    label_image, infos = bridge.segmentationToLabelImage(segmentation, reference, scene)
+    label_image, infos = segmentations.segmentationToLabelImage(segmentation, reference, scene)
     assert node_ids(scene) == before  # no temporary node left behind
     assert [i.name for i in infos] == ["liver", "kidney"]
     assert [i.labelValue for i in infos] == [1, 2]
@@ -407,7 +408,7 @@ def test_segmentation_round_trip_keeps_ids_names_colours_and_voxels(scene):
     np.testing.assert_allclose(label_image.GetOrigin(), bridge.volumeNodeToImage(reference).GetOrigin())
 
     # Back into a new segmentation (as the propagated labels come back from the engine).
-    new = bridge.labelImageToSegmentationNode(label_image, scene, "organs registered", infos,
+    new = segmentations.labelImageToSegmentationNode(label_image, scene, "organs registered", infos,
                                               referenceVolumeNode=reference)
     added = node_ids(scene) - before
     assert added == {new.GetID(), new.GetDisplayNode().GetID()}
@@ -415,7 +416,7 @@ def test_segmentation_round_trip_keeps_ids_names_colours_and_voxels(scene):
     assert [seg.GetNthSegmentID(i) for i in range(2)] == [i.segmentId for i in infos]
     assert [seg.GetNthSegment(i).GetName() for i in range(2)] == ["liver", "kidney"]
     assert seg.GetNthSegment(1).GetColor() == pytest.approx((0.1, 0.2, 0.9))
-    again, _ = bridge.segmentationToLabelImage(new, reference, scene)
+    again, _ = segmentations.segmentationToLabelImage(new, reference, scene)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(again), array)
 
 

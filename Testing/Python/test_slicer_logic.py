@@ -7,11 +7,11 @@ pair the test builds.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,18 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("slicer-core is not installed", allow_module_level=True)
 
 import SimpleITK as sitk  # noqa: E402
+from helpers import registration_result  # noqa: E402
 
-from EOIRRegistrationLib import slicer_bridge as bridge  # noqa: E402
-from EOIRRegistrationLib import slicer_logic  # noqa: E402
-from EOIRRegistrationLib.errors import InputError, RegistrationCancelled  # noqa: E402
+from EOIRRegistrationLib.core import qa  # noqa: E402
+from EOIRRegistrationLib.core.errors import InputError, RegistrationCancelled  # noqa: E402
+from EOIRRegistrationLib.engine.options import RegistrationOptions, options_of  # noqa: E402
+from EOIRRegistrationLib.engine.result import RegistrationResult  # noqa: E402
+from EOIRRegistrationLib.slicer import bridge, catalog, display, runners, segmentations, selftest, worker  # noqa: E402  # noqa: E402
+from EOIRRegistrationLib.slicer import logic as slicer_logic  # noqa: E402
+from EOIRRegistrationLib.slicer import outputs as slicer_outputs  # noqa: E402
 
-LIB_PARENT = Path(slicer_logic.__file__).resolve().parents[1]
+LIB_PARENT = Path(slicer_logic.__file__).resolve().parents[2]
+TESTS_DIR = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,22 +68,9 @@ def analytic_displacement(reference: sitk.Image, amplitude=2.0) -> sitk.Image:
     return sitk.Cast(field, sitk.sitkVectorFloat64)
 
 
-@dataclass
-class FakeResult:
-    displacement: sitk.Image
-    warped: sitk.Image
-    jacobian: sitk.Image
-    folding: sitk.Image
-    warped_labels: sitk.Image | None
-    qa: dict
-    timings: dict = field(default_factory=lambda: {"register": 0.01})
-    model_name: str = "fake-model"
-    device: str = "cpu"
-    initial_matrix: np.ndarray | None = None
-
-
 class FakeEngine:
-    """Stands in for ``pipeline.register``: same signature, known analytic displacement."""
+    """Stands in for ``pipeline.register``: same signature, known analytic displacement, a real
+    ``RegistrationResult``. ``calls`` records the images and the options each call received."""
 
     stages = [("loading model", 0.1), ("features", 0.4), ("flow", 0.8), ("warping", 1.0)]
 
@@ -85,36 +78,22 @@ class FakeEngine:
         self.amplitude = amplitude
         self.delay = delay
         self.calls = []
-        self.initial_matrix = None  # what the result reports as the initial matrix
+        self.initial_matrix = np.eye(4)  # what the result reports as the initial matrix
 
-    def __call__(self, fixed, moving, model="default", device="auto", moving_labels=None,
-                 working_spacing=None, intensity_window=None, refine=None,
-                 initial_alignment="auto", initial_transform=None, contrast="auto", network=None,
-                 progress=None, cancel=None):
-        self.calls.append(dict(fixed=fixed, moving=moving, model=model, device=device,
-                               moving_labels=moving_labels, working_spacing=working_spacing,
-                               intensity_window=intensity_window, refine=refine,
-                               initial_alignment=initial_alignment,
-                               initial_transform=initial_transform, contrast=contrast,
-                               network=network))
+    def __call__(self, fixed, moving, options=None, *, moving_labels=None, loaded_model=None,
+                 progress=None, cancel=None, **option_changes):
+        options = options_of(options, **option_changes)
+        self.calls.append(dict(fixed=fixed, moving=moving, options=options,
+                               moving_labels=moving_labels))
         for stage, fraction in self.stages:
             if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
                 raise RegistrationCancelled("cancelled")
             time.sleep(self.delay)
             if progress is not None:
                 progress(stage, fraction)
-        displacement = analytic_displacement(fixed, self.amplitude)
-        tx = sitk.DisplacementFieldTransform(sitk.Image(displacement))
-        warped = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        jacobian = sitk.Cast(sitk.DisplacementFieldJacobianDeterminant(displacement),
-                             sitk.sitkFloat32)
-        folding = sitk.Cast(jacobian <= 0, sitk.sitkUInt8)
-        labels = None
-        if moving_labels is not None:
-            labels = sitk.Resample(moving_labels, fixed, tx, sitk.sitkNearestNeighbor, 0,
-                                   moving_labels.GetPixelID())
-        return FakeResult(displacement, warped, jacobian, folding, labels,
-                          slicer_logic.computeQA(jacobian), initial_matrix=self.initial_matrix)
+        return registration_result(fixed, moving, analytic_displacement(fixed, self.amplitude),
+                                   moving_labels, options=options,
+                                   initial_matrix=np.array(self.initial_matrix, dtype=float))
 
 
 @pytest.fixture
@@ -176,7 +155,7 @@ def scene_state(scene):
         if node.IsA("vtkMRMLTransformNode"):
             entry.append(node.GetNodeReferenceID("spatialRegistrationMoving"))
             entry.append(node.GetAttribute("EOIRRegistration.folding_percent"))
-            entry.append(node.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE))
+            entry.append(node.GetAttribute(slicer_outputs.INITIAL_MATRIX_ATTRIBUTE))
             entry.append(node.IsLinear())
         if node.IsA("vtkMRMLVolumeNode") and node.GetImageData() is not None:
             entry.append(np.array(slicer.util.arrayFromVolume(node)).tobytes())
@@ -200,15 +179,18 @@ def test_register_volumes_builds_the_result_in_the_scene(scene, volumes, fake_en
     progress = []
     logic = slicer_logic.RegistrationLogic(scene)
     out = logic.registerVolumes(fixed, moving, model="some-model", device="cpu",
-                                outputVolumeNode=output_volume, workingSpacing=2.0,
-                                intensityWindow=((0, 900), (0, 900)),
+                                outputVolumeNode=output_volume, working_spacing=2.0,
+                                intensity_window=((0, 900), (0, 900)),
                                 progressCallback=lambda s, f: progress.append((s, f)))
     call = fake_engine.calls[0]
     result = FakeEngine()(call["fixed"], call["moving"])
     # the engine saw the volumes with their LPS geometry and the options
-    assert call["model"] == "some-model" and call["device"] == "cpu"
-    assert call["working_spacing"] == (2.0, 2.0, 2.0)
-    assert call["intensity_window"] == ((0, 900), (0, 900))
+    assert call["options"] == RegistrationOptions(model="some-model", device="cpu",
+                                                  working_spacing=2.0,
+                                                  intensity_window=((0, 900), (0, 900)))
+    assert call["options"].model == "some-model" and call["options"].device == "cpu"
+    assert call["options"].working_spacing == (2.0, 2.0, 2.0)
+    assert call["options"].intensity_window == ((0, 900), (0, 900))
     np.testing.assert_allclose(call["fixed"].GetOrigin(), oblique_image(seed=1).GetOrigin())
 
     # transform: a new grid transform holding the engine's displacement, with references
@@ -225,14 +207,14 @@ def test_register_volumes_builds_the_result_in_the_scene(scene, volumes, fake_en
     # Jacobian overlay centred on 1, folding in red, warped volume
     np.testing.assert_allclose(slicer.util.arrayFromVolume(out.jacobianVolumeNode),
                                sitk.GetArrayFromImage(result.jacobian))
-    display = out.jacobianVolumeNode.GetDisplayNode()
-    assert display.GetLevel() == pytest.approx(1.0)
-    assert display.GetColorNode().GetName() == bridge.JACOBIAN_COLOR_NODE_NAME
+    displayNode = out.jacobianVolumeNode.GetDisplayNode()
+    assert displayNode.GetLevel() == pytest.approx(1.0)
+    assert displayNode.GetColorNode().GetName() == display.JACOBIAN_COLOR_NODE_NAME
     assert out.foldingVolumeNode.IsA("vtkMRMLLabelMapVolumeNode")
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(out.foldingVolumeNode),
                                   sitk.GetArrayFromImage(result.folding))
     assert out.foldingVolumeNode.GetDisplayNode().GetColorNode().GetName() == \
-        bridge.FOLDING_COLOR_NODE_NAME
+        display.FOLDING_COLOR_NODE_NAME
     assert out.warpedVolumeNode is output_volume
     np.testing.assert_allclose(slicer.util.arrayFromVolume(output_volume),
                                sitk.GetArrayFromImage(result.warped), atol=1e-4)
@@ -240,12 +222,17 @@ def test_register_volumes_builds_the_result_in_the_scene(scene, volumes, fake_en
     np.testing.assert_allclose(warped_geometry.GetDirection(), call["fixed"].GetDirection(),
                                atol=1e-12)
 
-    # QA figures returned and stored on the transform
-    assert out.qa == pytest.approx(slicer_logic.computeQA(result.jacobian))
+    # QA figures returned (the engine's result's) and stored on the transform
+    assert out.result is not None and out.qa is out.result.qa
+    assert out.qa == pytest.approx(qa.jacobian_summary(
+        slicer.util.arrayFromVolume(out.jacobianVolumeNode)))
+    assert out.qa == pytest.approx(result.qa)
     assert 0.0 <= out.foldingPercent < 100.0
+    assert out.foldingPercent == out.qa["folding_percent"] and out.sdLogJ == out.qa["sdlogj"]
     assert float(transform.GetAttribute("EOIRRegistration.sdlogj")) == \
         pytest.approx(out.qa["sdlogj"], rel=1e-5)
-    assert out.modelName == "fake-model" and "folding" in out.summary()
+    assert transform.GetAttribute("EOIRRegistration.model") == "fake-model"
+    assert out.result.model_name == "fake-model" and "folding" in out.summary()
 
     # slice views: fixed + Jacobian overlay + folding labels
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
@@ -311,7 +298,7 @@ def test_segmentation_is_propagated_with_names_and_labels(scene, volumes, fake_e
         call["moving_labels"], call["fixed"],
         sitk.DisplacementFieldTransform(analytic_displacement(call["fixed"])),
         sitk.sitkNearestNeighbor, 0))
-    labels, infos = bridge.segmentationToLabelImage(propagated, fixed, scene)
+    labels, infos = segmentations.segmentationToLabelImage(propagated, fixed, scene)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), expected)
     assert (expected == 1).sum() > 50 and (expected == 2).sum() > 50
 
@@ -362,7 +349,7 @@ def test_scene_is_left_as_it_was_after_a_failure(scene, volumes, fake_engine, mo
     logic = slicer_logic.RegistrationLogic(scene)
     fake_engine.initial_matrix = translation_matrix(1.0, 2.0, 3.0)
     previous = logic.registerVolumes(fixed, moving)  # an earlier result to be reused
-    assert previous.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)
+    assert previous.transformNode.GetAttribute(slicer_outputs.INITIAL_MATRIX_ATTRIBUTE)
     fake_engine.initial_matrix = translation_matrix(-4.0, 0.0, 0.5)
     segmentation, _ = add_segmentation(scene, moving)
     output_volume = bridge.imageToVolumeNode(oblique_image(seed=7), scene, "old warped")
@@ -372,7 +359,8 @@ def test_scene_is_left_as_it_was_after_a_failure(scene, volumes, fake_engine, mo
     displacement_before = sitk.GetArrayFromImage(
         bridge.gridTransformNodeToDisplacement(previous.transformNode))
 
-    monkeypatch.setattr(bridge, target, _failing(getattr(bridge, target), calls_before, after))
+    module = next(m for m in (bridge, display, segmentations) if hasattr(m, target))
+    monkeypatch.setattr(module, target, _failing(getattr(module, target), calls_before, after))
     fake_engine.amplitude = 0.5
     with pytest.raises(RuntimeError, match="injected failure"):
         logic.registerVolumes(fixed, moving, outputTransformNode=previous.transformNode,
@@ -468,12 +456,14 @@ def test_background_registration_reports_progress_and_result(scene, volumes, mon
     logic = slicer_logic.RegistrationLogic(scene)
     inputs = logic.prepareInputs(fixed, moving)
     before = scene.GetNumberOfNodes()
-    job = slicer_logic.BackgroundRegistration(inputs, model="default", device="cpu").start()
+    options = RegistrationOptions(model="default", device="cpu")
+    job = runners.BackgroundRegistration(inputs, options).start()
     seen = []
     while not job.done:
         seen.append(job.poll())
         time.sleep(0.01)
-    assert job.error is None and job.result is not None
+    assert job.error is None and isinstance(job.result, RegistrationResult)
+    assert engine.calls[0]["options"] == options
     assert scene.GetNumberOfNodes() == before  # the worker never touches the scene
     assert any(stage == "flow" for stage, *_ in seen)
     assert all(0.0 <= fraction <= 1.0 for _, fraction, *_ in seen)
@@ -486,7 +476,7 @@ def test_background_registration_can_be_cancelled(scene, volumes, monkeypatch):
     monkeypatch.setattr(slicer_logic, "_engineRegister", lambda: engine)
     fixed, moving = volumes
     inputs = slicer_logic.RegistrationLogic(scene).prepareInputs(fixed, moving)
-    job = slicer_logic.BackgroundRegistration(inputs).start()
+    job = runners.BackgroundRegistration(inputs, RegistrationOptions()).start()
     job.cancel()
     assert job.wait(timeout=10)
     assert isinstance(job.error, RegistrationCancelled)
@@ -494,38 +484,39 @@ def test_background_registration_can_be_cancelled(scene, volumes, monkeypatch):
     assert "cancelled" in slicer_logic.describeError(job.error)
 
 
-#: A stand-alone fake engine for the worker process (imports only numpy and SimpleITK, so the
-#: child starts fast); same analytic displacement as FakeEngine.
+#: A stand-alone fake engine for the worker process (imports no torch, so the child starts fast);
+#: same analytic displacement as FakeEngine, a real RegistrationResult (the worker saves it).
+#: With EOIR_FAKE_RECORD set it writes there the options it received.
 FAKE_ENGINE_MODULE = '''
-import os, time, types
+import os, time
 import numpy as np
 import SimpleITK as sitk
 
+from helpers import registration_result
 
-def register(fixed, moving, model="default", device="auto", moving_labels=None,
-             working_spacing=None, intensity_window=None, refine=None, initial_alignment="auto",
-             initial_transform=None, contrast="auto", network=None, progress=None, cancel=None):
+
+def register(fixed, moving, options=None, *, moving_labels=None, loaded_model=None,
+             progress=None, cancel=None, **option_changes):
+    from EOIRRegistrationLib.engine.options import options_of
+
     record = os.environ.get("EOIR_FAKE_RECORD")
     if record:
         import json
         with open(record, "w") as f:
-            json.dump({"initial_alignment": initial_alignment, "network": network,
-                       "contrast": contrast,
-                       "refine": None if refine is None else [type(refine).__name__,
-                                                              refine.iterations,
-                                                              refine.time_budget_s,
-                                                              refine.similarity],
-                       "working_spacing": list(working_spacing) if working_spacing else None},
-                      f)
+            json.dump({"type": type(options).__name__,
+                       "options": None if options is None else options.to_dict(),
+                       "option_changes": sorted(option_changes),
+                       "labels": moving_labels is not None}, f)
+    options = options_of(options, **option_changes)
     failure = os.environ.get("EOIR_FAKE_FAIL")
     if failure == "crash":
         os._exit(3)
     if failure == "input":
-        from EOIRRegistrationLib.errors import InputError
+        from EOIRRegistrationLib.core.errors import InputError
         raise InputError("the fixed image is constant")
     for stage, fraction in (("loading model", 0.1), ("features", 0.4), ("flow", 0.8)):
         if cancel is not None and cancel():
-            from EOIRRegistrationLib.errors import RegistrationCancelled
+            from EOIRRegistrationLib.core.errors import RegistrationCancelled
             raise RegistrationCancelled("cancelled")
         time.sleep(float(os.environ.get("EOIR_FAKE_DELAY", "0")))
         progress(stage, fraction)
@@ -534,20 +525,12 @@ def register(fixed, moving, model="default", device="auto", moving_labels=None,
     d = 2.0 * np.stack([np.sin(i / 5.0), -np.cos(j / 4.0), 0.5 * np.sin(k / 3.0)], axis=-1)
     field = sitk.GetImageFromArray(d, isVector=True)
     field.CopyInformation(fixed)
-    tx = sitk.DisplacementFieldTransform(sitk.Image(field))
-    jac = sitk.Cast(sitk.DisplacementFieldJacobianDeterminant(field), sitk.sitkFloat32)
-    labels = None
-    if moving_labels is not None:
-        labels = sitk.Resample(moving_labels, fixed, tx, sitk.sitkNearestNeighbor, 0,
-                               moving_labels.GetPixelID())
-    return types.SimpleNamespace(
-        displacement=field, warped=sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0,
-                                                 sitk.sitkFloat32),
-        jacobian=jac, folding=sitk.Cast(jac <= 0, sitk.sitkUInt8), warped_labels=labels,
-        qa={"folding_percent": 0.0, "sdlogj": 0.1, "jacobian_min": 0.5, "jacobian_max": 1.5},
-        timings={"flow": 0.01}, model_name="fake-model", device="cpu",
-        # "auto" acts as if the inputs were already aligned
-        initial_matrix=None if initial_alignment in ("none", "auto") else np.array(
+    # "auto" acts as if the inputs were already aligned
+    aligned = options.initial_alignment in ("none", "auto")
+    return registration_result(
+        fixed, moving, field, moving_labels, options=options, timings={"flow": 0.01},
+        initial_alignment="none" if aligned else options.initial_alignment,
+        initial_matrix=np.eye(4) if aligned else np.array(
             [[1.0, 0, 0, 1.5], [0, 1.0, 0, -2.5], [0, 0, 1.0, 0.25], [0, 0, 0, 1]]))
 '''
 
@@ -558,6 +541,7 @@ def worker_env(monkeypatch, tmp_path_factory):
     fake_dir = tmp_path_factory.mktemp("fake_engine")
     (fake_dir / "eoir_fake_engine.py").write_text(FAKE_ENGINE_MODULE)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake_dir), str(LIB_PARENT),
+                                                      str(TESTS_DIR),
                                                       os.environ.get("PYTHONPATH", "")]))
     monkeypatch.delenv("EOIR_FAKE_FAIL", raising=False)
     monkeypatch.delenv("EOIR_FAKE_DELAY", raising=False)
@@ -571,10 +555,19 @@ def test_process_registration_runs_the_engine_in_a_child_process(scene, volumes,
     segmentation, _ = add_segmentation(scene, moving)
     logic = slicer_logic.RegistrationLogic(scene)
     inputs = logic.prepareInputs(fixed, moving, segmentation)
-    job = slicer_logic.ProcessRegistration(inputs, engine="eoir_fake_engine:register",
-                                           model="default", device="cpu", workingSpacing=1.5,
-                                           tempDir=str(tmp_path)).start()
+    options = RegistrationOptions(model="default", device="cpu", working_spacing=1.5)
+    job = runners.ProcessRegistration(inputs, options, engine="eoir_fake_engine:register",
+                                      tempDir=str(tmp_path)).start()
     assert job.jobDir.exists()
+    # the job file: the options as a dict, the engine and the image files
+    import json
+
+    with open(job.jobDir / worker.JOB_FILE, encoding="utf-8") as f:
+        written = json.load(f)
+    assert written == {"options": options.to_dict(), "engine": "eoir_fake_engine:register",
+                       "fixed": "fixed.mha", "moving": "moving.mha", "labels": "labels.mha"}
+    assert RegistrationOptions.from_dict(written["options"]) == options
+    assert all((job.jobDir / written[k]).exists() for k in ("fixed", "moving", "labels"))
     assert job.wait(timeout=120), "worker did not finish"
     assert job.error is None, job.error
     assert not job.jobDir.exists()  # temporary files removed
@@ -584,6 +577,7 @@ def test_process_registration_runs_the_engine_in_a_child_process(scene, volumes,
                                atol=1e-12)
     np.testing.assert_allclose(result.displacement.GetDirection(),
                                inputs.fixedImage.GetDirection(), atol=1e-12)
+    assert isinstance(result, RegistrationResult) and result.options == options
     assert result.warped_labels is not None and result.model_name == "fake-model"
     stage, fraction, elapsed, _ = job.poll()
     assert stage == "done" and elapsed > 0
@@ -598,7 +592,8 @@ def test_process_registration_cancel_and_errors(scene, volumes, worker_env, tmp_
     engine = "eoir_fake_engine:register"
 
     worker_env.setenv("EOIR_FAKE_DELAY", "0.5")
-    job = slicer_logic.ProcessRegistration(inputs, engine=engine, tempDir=str(tmp_path)).start()
+    job = runners.ProcessRegistration(inputs, RegistrationOptions(), engine=engine,
+                                      tempDir=str(tmp_path)).start()
     job.cancel()
     assert job.wait(timeout=120)
     assert isinstance(job.error, RegistrationCancelled) and job.result is None
@@ -606,12 +601,14 @@ def test_process_registration_cancel_and_errors(scene, volumes, worker_env, tmp_
 
     worker_env.setenv("EOIR_FAKE_DELAY", "0")
     worker_env.setenv("EOIR_FAKE_FAIL", "input")
-    job = slicer_logic.ProcessRegistration(inputs, engine=engine, tempDir=str(tmp_path)).start()
+    job = runners.ProcessRegistration(inputs, RegistrationOptions(), engine=engine,
+                                      tempDir=str(tmp_path)).start()
     assert job.wait(timeout=120)
     assert isinstance(job.error, InputError) and "constant" in str(job.error)
 
     worker_env.setenv("EOIR_FAKE_FAIL", "crash")
-    job = slicer_logic.ProcessRegistration(inputs, engine=engine, tempDir=str(tmp_path)).start()
+    job = runners.ProcessRegistration(inputs, RegistrationOptions(), engine=engine,
+                                      tempDir=str(tmp_path)).start()
     assert job.wait(timeout=120)
     assert isinstance(job.error, RuntimeError) and "exit status 3" in str(job.error)
     assert list(tmp_path.iterdir()) == []
@@ -631,28 +628,34 @@ def test_bundled_models_are_listed_without_torch(tmp_path, monkeypatch):
     (tmp_path / "gamma.pt").write_bytes(b"not a zip file")
     (tmp_path / "delta.pt").write_bytes(b"")
     (tmp_path / "delta.json").write_text('{"description": "from the json card"}')
-    monkeypatch.setattr(slicer_logic, "BUNDLED_MODELS_DIR", tmp_path)
-    monkeypatch.setattr(slicer_logic, "defaultModelName", lambda: "delta")
-    listed = slicer_logic.listBundledModels()
+    monkeypatch.setattr(catalog, "BUNDLED_MODELS_DIR", tmp_path)
+    monkeypatch.setattr(catalog, "DEFAULT_MODEL", "delta")
+    listed = catalog.listBundledModels()
     assert listed[0].name == "delta"  # the engine's default first, then by name
     assert [m.name for m in listed[1:]] == ["alpha", "beta", "gamma"]
     models = {m.name: m.description for m in listed}
     assert models == {"alpha": "Brain MRI, 2 mm, trained on synthetic shapes", "beta": "",
                       "gamma": "", "delta": "from the json card"}
-    # the default name read from the engine's source is the engine's own
-    from EOIRRegistrationLib import modelfile
+    # the default model and the folder are the engine's own
+    from EOIRRegistrationLib.engine import modelfile, options
 
     monkeypatch.undo()
-    assert slicer_logic.defaultModelName() == modelfile.DEFAULT_MODEL
+    assert catalog.DEFAULT_MODEL == options.DEFAULT_MODEL == modelfile.DEFAULT_MODEL
+    assert catalog.BUNDLED_MODELS_DIR == modelfile.BUNDLED_DIR
+    assert [m.name for m in catalog.listBundledModels()] == \
+        [m.name for m in modelfile.list_bundled_models()]
 
-    # and in a fresh interpreter the panel's imports do not pull torch in
+    # and in a fresh interpreter the panel's imports do not pull torch (or the engine) in
     code = (
         "import sys\n"
         f"sys.path.insert(0, {str(LIB_PARENT)!r})\n"
-        "from EOIRRegistrationLib import slicer_logic, slicer_bridge\n"
-        "slicer_logic.listBundledModels()\n"
-        "slicer_logic.gpuProbablyAvailable()\n"
+        "from EOIRRegistrationLib.slicer import bridge, catalog, logic, outputs, runners, \\\n"
+        "    selftest, texts, transaction, worker\n"
+        "from EOIRRegistrationLib.engine import options, result\n"
+        "catalog.listBundledModels()\n"
+        "catalog.gpuProbablyAvailable()\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'EOIRRegistrationLib.engine.pipeline' not in sys.modules, 'engine imported'\n"
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                timeout=120)
@@ -663,18 +666,29 @@ def test_bundled_models_are_listed_without_torch(tmp_path, monkeypatch):
 # the real engine on a tiny pair
 # ---------------------------------------------------------------------------------------------
 
-def test_real_engine_improves_overlap_with_little_folding(scene):
-    """The same assertions as EOIRRegistrationTest.test_RegisterSyntheticPair inside Slicer."""
+def _require_real_engine_and_bundled_model():
     pytest.importorskip("torch")
     try:
-        import EOIRRegistrationLib.pipeline  # noqa: F401
+        import EOIRRegistrationLib.engine.pipeline  # noqa: F401
     except ModuleNotFoundError as exc:
         if "pipeline" not in str(exc):
             raise
-        pytest.skip("the engine (EOIRRegistrationLib.pipeline) is not in this checkout yet")
-    if not slicer_logic.listBundledModels():
+        pytest.skip("the engine (EOIRRegistrationLib.engine.pipeline) is not in this checkout yet")
+    if not catalog.listBundledModels():
         pytest.skip("no bundled model (EOIRRegistrationLib/bundled_models/*.pt) in this checkout yet")
-    fixed_img, moving_img, fixed_labels, moving_labels = slicer_logic.syntheticTestPair()
+
+
+def _foreground_dice(a, b) -> float:
+    """Dice overlap of the foreground (> 0) of two label arrays (numpy or SimpleITK)."""
+    a = sitk.GetArrayFromImage(a) if isinstance(a, sitk.Image) else np.asarray(a)
+    b = sitk.GetArrayFromImage(b) if isinstance(b, sitk.Image) else np.asarray(b)
+    return qa.dice((a > 0).astype(np.uint8), (b > 0).astype(np.uint8), values=[1])[1]
+
+
+def test_real_engine_improves_overlap_with_little_folding(scene):
+    """The same assertions as EOIRRegistrationTest.test_RegisterSyntheticPair inside Slicer."""
+    _require_real_engine_and_bundled_model()
+    fixed_img, moving_img, fixed_labels, moving_labels = selftest.syntheticTestPair()
     fixed = bridge.imageToVolumeNode(fixed_img, scene, "fixed")
     moving = bridge.imageToVolumeNode(moving_img, scene, "moving")
     label_node = bridge.imageToVolumeNode(moving_labels, scene, "moving labels",
@@ -683,9 +697,8 @@ def test_real_engine_improves_overlap_with_little_folding(scene):
     out = slicer_logic.RegistrationLogic(scene).registerVolumes(
         fixed, moving, model="default", device="cpu", outputVolumeNode=output,
         movingSegmentationNode=label_node)
-    before = slicer_logic.diceCoefficient(fixed_labels, moving_labels)
-    after = slicer_logic.diceCoefficient(fixed_labels,
-                                         slicer.util.arrayFromVolume(out.warpedSegmentationNode))
+    before = _foreground_dice(fixed_labels, moving_labels)
+    after = _foreground_dice(fixed_labels, slicer.util.arrayFromVolume(out.warpedSegmentationNode))
     assert after > before + 0.05, (before, after)
     fixed_arr = sitk.GetArrayFromImage(fixed_img)
     mse_before = np.mean((sitk.GetArrayFromImage(moving_img) - fixed_arr) ** 2)
@@ -695,12 +708,25 @@ def test_real_engine_improves_overlap_with_little_folding(scene):
     assert moving.GetParentTransformNode() is out.transformNode
 
 
+def test_self_test_checks_pass_with_the_real_engine():
+    """The module's self-test (``slicer.selftest``, what EOIRRegistrationTest runs inside Slicer)
+    passes on slicer-core scenes with the headless logic and the real engine."""
+    _require_real_engine_and_bundled_model()
+    scene, app_logic = bridge.createStandaloneScene()
+    summary = selftest.checkRegistration(scene,
+                                         slicer_logic.RegistrationLogic(scene).registerVolumes)
+    assert summary.startswith("Dice ") and "folding" in summary
+    other, other_app_logic = bridge.createStandaloneScene()
+    selftest.checkCancelLeavesSceneAsItWas(
+        other, slicer_logic.RegistrationLogic(other).registerVolumes)
+
+
 @pytest.fixture(scope="module")
 def untrained_model_file(tmp_path_factory):
     """A small EOIR model with random weights (large enough output to move voxels by millimetres):
     not for accuracy, for checking that the real engine's result lands in Slicer correctly."""
     pytest.importorskip("torch")
-    pytest.importorskip("EOIRRegistrationLib.pipeline")
+    pytest.importorskip("EOIRRegistrationLib.engine.pipeline")
     from helpers import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "untrained.pt", 0.05,
@@ -712,7 +738,7 @@ def test_real_engine_result_lands_in_slicer_as_the_engine_computed_it(scene, unt
     """Real engine (untrained model) on an oblique pair: the transform node holds the engine's
     displacement, the warped volume is the engine's, and Slicer's own hardenTransform of the
     moving volume resamples it like ITK does with the engine's field."""
-    from EOIRRegistrationLib import pipeline
+    from EOIRRegistrationLib.engine import pipeline
 
     results = []
 
@@ -729,7 +755,7 @@ def test_real_engine_result_lands_in_slicer_as_the_engine_computed_it(scene, unt
     output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped")
     out = slicer_logic.RegistrationLogic(scene).registerVolumes(
         fixed, moving, model=untrained_model_file, device="cpu", outputVolumeNode=output,
-        initialAlignment="none")  # two unrelated noise images: nothing to align
+        initial_alignment="none")  # two unrelated noise images: nothing to align
     result = results[0]
     d = sitk.GetArrayFromImage(result.displacement)
     assert np.abs(d).max() > 1.0  # the untrained model does move voxels
@@ -740,7 +766,7 @@ def test_real_engine_result_lands_in_slicer_as_the_engine_computed_it(scene, unt
                                   sitk.GetArrayFromImage(result.warped))
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(out.jacobianVolumeNode),
                                   sitk.GetArrayFromImage(result.jacobian))
-    assert out.qa == pytest.approx(result.qa)
+    assert out.result is result and out.qa == pytest.approx(result.qa)
 
     # Slicer's own resampling of the moving volume through the transform node
     transform_logic = slicer.vtkSlicerTransformLogic()
@@ -777,7 +803,7 @@ def test_real_engine_result_lands_in_slicer_as_the_engine_computed_it(scene, unt
 
 def test_real_engine_runs_in_the_worker_process(scene, untrained_model_file, tmp_path):
     """The GUI path: the real engine in a child process, results read back into the scene."""
-    fixed_img, moving_img, _, moving_labels = slicer_logic.syntheticTestPair(size=24)
+    fixed_img, moving_img, _, moving_labels = selftest.syntheticTestPair(size=24)
     fixed = bridge.imageToVolumeNode(fixed_img, scene, "fixed")
     moving = bridge.imageToVolumeNode(moving_img, scene, "moving")
     labels = bridge.imageToVolumeNode(moving_labels, scene, "labels",
@@ -785,16 +811,17 @@ def test_real_engine_runs_in_the_worker_process(scene, untrained_model_file, tmp
     logic = slicer_logic.RegistrationLogic(scene)
     inputs = logic.prepareInputs(fixed, moving, labels)
     progress = []
-    job = slicer_logic.ProcessRegistration(inputs, model=untrained_model_file, device="cpu",
-                                           tempDir=str(tmp_path)).start()
+    options = RegistrationOptions(model=untrained_model_file, device="cpu")
+    job = runners.ProcessRegistration(inputs, options, tempDir=str(tmp_path)).start()
     while not job.done:
         progress.append(job.poll()[:2])
         time.sleep(0.05)
     assert job.error is None, f"{job.error}"
     # Polling sees whichever stage is current; short stages may pass between two polls.
-    from EOIRRegistrationLib.pipeline import STAGES
+    from EOIRRegistrationLib.engine.pipeline import STAGES
     assert {stage for stage, _ in progress} & set(STAGES)
     assert job.result.model_name == "untrained" and job.result.device == "cpu"
+    assert job.result.options == options
     out = logic.createOutputs(inputs, job.result)
     assert out.warpedSegmentationNode.IsA("vtkMRMLLabelMapVolumeNode")
     assert set(np.unique(slicer.util.arrayFromVolume(out.warpedSegmentationNode))) <= {0, 1, 2}
@@ -806,80 +833,106 @@ def test_real_engine_runs_in_the_worker_process(scene, untrained_model_file, tmp
 # ---------------------------------------------------------------------------------------------
 
 def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_engine):
-    from EOIRRegistrationLib.refine import RefineConfig
-
     fixed, moving = volumes
     logic = slicer_logic.RegistrationLogic(scene)
     # defaults: the engine's own (automatic alignment, its default refinement)
     first = logic.registerVolumes(fixed, moving)
-    assert fake_engine.calls[-1]["initial_alignment"] == "auto"
+    options = fake_engine.calls[-1]["options"]
+    assert options == RegistrationOptions()
+    assert options.initial_alignment == "auto"
     # refinement on, its steps and similarity left to the engine (they follow the contrast)
-    assert fake_engine.calls[-1]["refine"] == RefineConfig()
-    assert fake_engine.calls[-1]["contrast"] == "auto" and fake_engine.calls[-1]["network"] is None
-    assert first.initialMatrix is None
-    assert first.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE) is None
+    assert options.refine_enabled and options.refine_iterations is None
+    assert options.refine_seconds is None and options.refine_similarity is None
+    assert options.contrast == "auto" and options.network is None
+    # every result has an initial matrix (identity here), stored on the transform
+    np.testing.assert_array_equal(first.result.initial_matrix, np.eye(4))
+    np.testing.assert_array_equal(slicer_outputs.initialMatrixFromAttribute(
+        first.transformNode.GetAttribute(slicer_outputs.INITIAL_MATRIX_ATTRIBUTE)), np.eye(4))
 
     matrix = np.array([[0.98, -0.17, 0.0, 4.0], [0.17, 0.98, 0.0, -2.0], [0.0, 0.0, 1.0, 1.5],
                        [0.0, 0.0, 0.0, 1.0]])
     fake_engine.initial_matrix = matrix
-    out = logic.registerVolumes(fixed, moving, initialAlignment="rigid", refineIterations=25,
-                                refineSeconds=4.5, outputTransformNode=first.transformNode)
-    call = fake_engine.calls[-1]
-    assert call["initial_alignment"] == "rigid" and call["initial_transform"] is None
-    assert isinstance(call["refine"], RefineConfig)
-    assert call["refine"].iterations == 25 and call["refine"].time_budget_s == 4.5
+    out = logic.registerVolumes(fixed, moving, initial_alignment="rigid", refine_iterations=25,
+                                refine_seconds=4.5, outputTransformNode=first.transformNode)
+    options = fake_engine.calls[-1]["options"]
+    assert options == RegistrationOptions(initial_alignment="rigid", refine_iterations=25,
+                                          refine_seconds=4.5)
+    assert options.initial_alignment == "rigid" and options.initial_transform is None
+    assert options.refine_iterations == 25 and options.refine_seconds == 4.5
     # the matrix is returned and stored on the transform as 16 numbers (row-major)
-    np.testing.assert_array_equal(out.initialMatrix, matrix)
-    text = out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)
+    np.testing.assert_array_equal(out.result.initial_matrix, matrix)
+    text = out.transformNode.GetAttribute(slicer_outputs.INITIAL_MATRIX_ATTRIBUTE)
     assert len(text.split()) == 16
-    np.testing.assert_allclose(slicer_logic.initialMatrixFromAttribute(text), matrix, atol=1e-12)
+    np.testing.assert_allclose(slicer_outputs.initialMatrixFromAttribute(text), matrix, atol=1e-12)
 
-    # refinement without a time limit; a rerun whose engine reports no matrix drops the old one
-    fake_engine.initial_matrix = None
-    out = logic.registerVolumes(fixed, moving, initialAlignment="com", refineIterations=3,
+    # refinement without a time limit; a rerun replaces the stored matrix with its own
+    fake_engine.initial_matrix = translation_matrix(1.0, -2.0, 0.5)
+    out = logic.registerVolumes(fixed, moving, initial_alignment="com", refine_iterations=3,
                                 outputTransformNode=first.transformNode)
-    assert fake_engine.calls[-1]["initial_alignment"] == "com"
-    assert fake_engine.calls[-1]["refine"].time_budget_s is None
-    assert out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE) is None
+    options = fake_engine.calls[-1]["options"]
+    assert options.initial_alignment == "com" and options.refine_iterations == 3
+    assert options.refine_seconds is None
+    np.testing.assert_allclose(slicer_outputs.initialMatrixFromAttribute(
+        out.transformNode.GetAttribute(slicer_outputs.INITIAL_MATRIX_ATTRIBUTE)),
+        translation_matrix(1.0, -2.0, 0.5), atol=1e-12)
 
     # iterations 0 switch refinement off whatever the budget
-    logic.registerVolumes(fixed, moving, initialAlignment="affine", refineIterations=0,
-                          refineSeconds=30.0, outputTransformNode=first.transformNode)
-    assert fake_engine.calls[-1]["refine"] is None
-    assert fake_engine.calls[-1]["initial_alignment"] == "affine"
+    logic.registerVolumes(fixed, moving, initial_alignment="affine", refine_iterations=0,
+                          refine_seconds=30.0, outputTransformNode=first.transformNode)
+    options = fake_engine.calls[-1]["options"]
+    assert not options.refine_enabled and options.refine_iterations == 0
+    assert options.initial_alignment == "affine"
+
+    # an options object works as well as keywords, and keywords apply on top of it
+    given = RegistrationOptions(initial_alignment="none", contrast="same", refine_iterations=5)
+    logic.registerVolumes(fixed, moving, given, outputTransformNode=first.transformNode)
+    assert fake_engine.calls[-1]["options"] == given
+    logic.registerVolumes(fixed, moving, given, refine_iterations=6,
+                          outputTransformNode=first.transformNode)
+    assert fake_engine.calls[-1]["options"] == given.replace(refine_iterations=6)
 
     # the thread variant passes them too
     inputs = logic.prepareInputs(fixed, moving, outputTransformNode=first.transformNode)
-    job = slicer_logic.BackgroundRegistration(inputs, initialAlignment="com",
-                                              refineIterations=7, refineSeconds=1.0).start()
+    job = runners.BackgroundRegistration(inputs, RegistrationOptions(
+        initial_alignment="com", refine_iterations=7, refine_seconds=1.0)).start()
     assert job.wait(timeout=30) and job.error is None, job.error
-    assert fake_engine.calls[-1]["initial_alignment"] == "com"
-    assert fake_engine.calls[-1]["refine"].iterations == 7
-    assert fake_engine.calls[-1]["network"] is None  # the default: follows the contrast
+    options = fake_engine.calls[-1]["options"]
+    assert options.initial_alignment == "com" and options.refine_iterations == 7
+    assert options.refine_seconds == 1.0
+    assert options.network is None  # the default: follows the contrast
 
     # the refinement alone (no network), e.g. for two modalities
-    logic.registerVolumes(fixed, moving, useNetwork=False, refineIterations=40,
-                          refineSimilarity="mind", outputTransformNode=first.transformNode)
-    call = fake_engine.calls[-1]
-    assert call["network"] is False and call["refine"].iterations == 40
-    assert call["refine"].similarity == "mind"
+    logic.registerVolumes(fixed, moving, network=False, refine_iterations=40,
+                          refine_similarity="mind", outputTransformNode=first.transformNode)
+    options = fake_engine.calls[-1]["options"]
+    assert options.network is False and options.refine_iterations == 40
+    assert options.refine_similarity == "mind"
 
-    # an explicit contrast reaches the engine; negative iterations mean the default
-    logic.registerVolumes(fixed, moving, contrast="different", refineIterations=-1,
+    # an explicit contrast reaches the engine; None iterations mean the engine's default
+    logic.registerVolumes(fixed, moving, contrast="different", refine_iterations=None,
                           outputTransformNode=first.transformNode)
-    call = fake_engine.calls[-1]
-    assert call["contrast"] == "different" and call["refine"] == RefineConfig()
+    options = fake_engine.calls[-1]["options"]
+    assert options == RegistrationOptions(contrast="different")
+    assert options.refine_iterations is None and options.refine_enabled
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(useNetwork=False, refineIterations=0), "refinement is the whole registration"),
-    (dict(initialAlignment="similarity"), "unknown initial alignment"),
+    (dict(network=False, refine_iterations=0), "refinement is the whole registration"),
+    (dict(initial_alignment="similarity"), "unknown initial alignment"),
     (dict(contrast="T2"), "unknown contrast"),
-    (dict(refineIterations="many"), "must be numbers"),
-    (dict(refineIterations=1001), "refine iterations"),
-    (dict(refineIterations=2.5), "refine iterations"),
-    (dict(refineIterations=10, refineSeconds=-1.0), "time budget"),
-    (dict(refineIterations=10, refineSimilarity="mutual information"), "refinement similarity"),
+    (dict(refine_iterations="many"), "must be a number"),
+    (dict(refine_iterations=1001), "refine iterations"),
+    (dict(refine_iterations=2.5), "refine iterations"),
+    (dict(refine_iterations=-1), "refine iterations"),  # the panel's -1 is mapped to None
+    (dict(refine_iterations=10, refine_seconds=-1.0), "time budget"),
+    (dict(refine_iterations=10, refine_seconds=0.0), "time budget"),  # None: no limit
+    (dict(refine_iterations=10, refine_similarity="mutual information"),
+     "refinement similarity"),
+    (dict(device="tpu"), "unknown device"),
+    (dict(working_spacing=-2.0), "working spacing"),
+    (dict(intensity_window=((0, 900), (500, 100))), "intensity window"),
+    (dict(initial_transform=np.zeros((4, 4))), "initial transform"),
+    (dict(useNetwork=False), "unknown registration option"),  # the former names are refused
 ])
 def test_bad_alignment_or_refinement_options_are_refused(scene, volumes, fake_engine, tmp_path,
                                                          options, message):
@@ -889,10 +942,22 @@ def test_bad_alignment_or_refinement_options_are_refused(scene, volumes, fake_en
     with pytest.raises(InputError, match=message):
         logic.registerVolumes(fixed, moving, **options)
     assert fake_engine.calls == [] and scene_state(scene) == before
-    inputs = logic.prepareInputs(fixed, moving)
+    # the same checks build the options object a runner takes ...
     with pytest.raises(InputError, match=message):
-        slicer_logic.ProcessRegistration(inputs, tempDir=str(tmp_path), **options)
-    assert list(tmp_path.iterdir()) == []
+        RegistrationOptions().replace(**options)
+    # ... and read a worker's job file: bad options are refused before the engine is loaded,
+    # with the reason in error.json
+    import json
+
+    job = {"options": {**RegistrationOptions().to_dict(),
+                       **{k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
+                          for k, v in options.items()}},
+           "engine": "no_such_module:register", "fixed": "fixed.mha", "moving": "moving.mha",
+           "labels": None}
+    (tmp_path / worker.JOB_FILE).write_text(json.dumps(job), encoding="utf-8")
+    assert worker.run(tmp_path) == worker.EXIT_ERROR
+    error = worker.errorFromReport(json.loads((tmp_path / worker.ERROR_FILE).read_text()))
+    assert isinstance(error, InputError) and re.search(message, str(error))
 
 
 def test_process_registration_passes_alignment_and_refinement(scene, volumes, worker_env,
@@ -906,40 +971,78 @@ def test_process_registration_passes_alignment_and_refinement(scene, volumes, wo
     worker_env.setenv("EOIR_FAKE_RECORD", str(record))
     jobs = tmp_path / "jobs"
     jobs.mkdir()
-    job = slicer_logic.ProcessRegistration(inputs, engine="eoir_fake_engine:register",
-                                           initialAlignment="affine", refineIterations=7,
-                                           refineSeconds=2.0, refineSimilarity="mind",
-                                           tempDir=str(jobs)).start()
+    options = RegistrationOptions(initial_alignment="affine", refine_iterations=7,
+                                  refine_seconds=2.0, refine_similarity="mind")
+    job = runners.ProcessRegistration(inputs, options, engine="eoir_fake_engine:register",
+                                      tempDir=str(jobs)).start()
     assert job.wait(timeout=120) and job.error is None, job.error
     seen = json.loads(record.read_text())
-    assert seen["initial_alignment"] == "affine" and seen["network"] is None
-    assert seen["contrast"] == "auto"
-    assert seen["refine"] == ["RefineConfig", 7, 2.0, "mind"]
+    assert seen["type"] == "RegistrationOptions" and seen["option_changes"] == []
+    seen_options = RegistrationOptions.from_dict(seen["options"])
+    assert seen_options == options
+    assert seen_options.initial_alignment == "affine" and seen_options.network is None
+    assert seen_options.contrast == "auto"
+    assert (seen_options.refine_iterations, seen_options.refine_seconds,
+            seen_options.refine_similarity) == (7, 2.0, "mind")
     expected = np.array([[1.0, 0, 0, 1.5], [0, 1.0, 0, -2.5], [0, 0, 1.0, 0.25], [0, 0, 0, 1]])
     np.testing.assert_array_equal(job.result.initial_matrix, expected)
+    assert job.result.initial_alignment == "affine"
     out = logic.createOutputs(inputs, job.result)
-    np.testing.assert_array_equal(out.initialMatrix, expected)
-    np.testing.assert_allclose(slicer_logic.initialMatrixFromAttribute(
-        out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)), expected)
+    np.testing.assert_array_equal(out.result.initial_matrix, expected)
+    np.testing.assert_allclose(slicer_outputs.initialMatrixFromAttribute(
+        out.transformNode.GetAttribute(slicer_outputs.INITIAL_MATRIX_ATTRIBUTE)), expected)
 
     # defaults: automatic alignment, the engine's default refinement
-    job = slicer_logic.ProcessRegistration(inputs, engine="eoir_fake_engine:register",
-                                           tempDir=str(jobs)).start()
+    job = runners.ProcessRegistration(inputs, RegistrationOptions(),
+                                      engine="eoir_fake_engine:register",
+                                      tempDir=str(jobs)).start()
     assert job.wait(timeout=120) and job.error is None, job.error
-    seen = json.loads(record.read_text())
-    assert seen["initial_alignment"] == "auto"
-    assert seen["refine"] == ["RefineConfig", None, None, None]  # the engine's, by contrast
-    assert job.result.initial_matrix is None
+    seen_options = RegistrationOptions.from_dict(json.loads(record.read_text())["options"])
+    assert seen_options == RegistrationOptions()
+    assert seen_options.initial_alignment == "auto"
+    assert seen_options.refine_iterations is None  # the engine's, by contrast
+    np.testing.assert_array_equal(job.result.initial_matrix, np.eye(4))
 
     # without the network: the worker passes it on
-    job = slicer_logic.ProcessRegistration(inputs, engine="eoir_fake_engine:register",
-                                           useNetwork=False, refineIterations=30,
-                                           contrast="different", tempDir=str(jobs)).start()
+    options = RegistrationOptions(network=False, refine_iterations=30, contrast="different")
+    job = runners.ProcessRegistration(inputs, options, engine="eoir_fake_engine:register",
+                                      tempDir=str(jobs)).start()
     assert job.wait(timeout=120) and job.error is None, job.error
-    seen = json.loads(record.read_text())
-    assert seen["network"] is False and seen["refine"][1] == 30
-    assert seen["contrast"] == "different"
+    seen_options = RegistrationOptions.from_dict(json.loads(record.read_text())["options"])
+    assert seen_options.network is False and seen_options.refine_iterations == 30
+    assert seen_options.contrast == "different"
     assert list(jobs.iterdir()) == []
+
+
+def test_worker_job_file_round_trips_the_options(scene, volumes, worker_env, tmp_path):
+    """Every option, none at its default, reaches the engine in the worker process unchanged
+    (through job.json), and comes back with the result (through result.json)."""
+    import json
+
+    fixed, moving = volumes
+    segmentation, _ = add_segmentation(scene, moving)
+    inputs = slicer_logic.RegistrationLogic(scene).prepareInputs(fixed, moving, segmentation)
+    record = tmp_path.parent / f"{tmp_path.name}-record.json"
+    worker_env.setenv("EOIR_FAKE_RECORD", str(record))
+    options = RegistrationOptions(
+        model=str(tmp_path / "some model.pt"), device="cpu", threads=2,
+        working_spacing=(1.5, 2.0, 2.5), intensity_window=((-100.0, 900.0), (0.0, 1200.5)),
+        initial_alignment="rigid", initial_transform=translation_matrix(1.0, -2.0, 3.5),
+        contrast="same", network=True, refine_iterations=12, refine_seconds=3.5,
+        refine_similarity="lncc")
+    defaults = RegistrationOptions()
+    changed = [k for k, v in options.to_dict().items() if v == defaults.to_dict()[k]]
+    assert changed == [], f"options left at their defaults: {changed}"
+    job = runners.ProcessRegistration(inputs, options, engine="eoir_fake_engine:register",
+                                      tempDir=str(tmp_path)).start()
+    assert job.wait(timeout=120) and job.error is None, f"{job.error}\n{job.logTail()}"
+    seen = json.loads(record.read_text())
+    assert seen["type"] == "RegistrationOptions" and seen["option_changes"] == []
+    assert seen["labels"] is True
+    assert RegistrationOptions.from_dict(seen["options"]) == options
+    assert seen["options"] == options.to_dict()
+    assert job.result.options == options
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
@@ -947,7 +1050,7 @@ def zero_model_file(tmp_path_factory):
     """A small EOIR model whose output convolutions are zero: the network moves nothing, so the
     result is exactly the initial alignment."""
     pytest.importorskip("torch")
-    pytest.importorskip("EOIRRegistrationLib.pipeline")
+    pytest.importorskip("EOIRRegistrationLib.engine.pipeline")
     from helpers import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "zero.pt", 0,
@@ -1003,7 +1106,7 @@ def _hardened_correlation(scene, moving_node, fixed_img, inside) -> float:
 
 
 def _engine_spy(monkeypatch):
-    from EOIRRegistrationLib import pipeline
+    from EOIRRegistrationLib.engine import pipeline
 
     calls = []
 
@@ -1030,27 +1133,32 @@ def test_real_engine_affine_alignment_lands_in_slicer(scene, zero_model_file, ro
         fixed = bridge.imageToVolumeNode(fixed_img, scene, f"fixed {method}")
         moving = bridge.imageToVolumeNode(moving_img, scene, f"moving {method}")
         out = slicer_logic.RegistrationLogic(scene).registerVolumes(
-            fixed, moving, model=zero_model_file, device="cpu", initialAlignment=method,
-            refineIterations=0)
+            fixed, moving, model=zero_model_file, device="cpu", initial_alignment=method,
+            refine_iterations=0)
         args, kwargs, result = calls[-1]
-        assert kwargs["initial_alignment"] == method and kwargs["refine"] is None
+        options = args[2]  # runEngine passes the options positionally, nothing else
+        assert set(kwargs) == {"moving_labels", "progress", "cancel"}
+        assert options == RegistrationOptions(model=zero_model_file, device="cpu",
+                                              initial_alignment=method, refine_iterations=0)
+        assert out.result is result and result.refinement is None  # no refinement ran
         # the grid transform node holds the engine's displacement, alignment included
         np.testing.assert_allclose(
             sitk.GetArrayFromImage(bridge.gridTransformNodeToDisplacement(out.transformNode)),
             sitk.GetArrayFromImage(result.displacement), atol=1e-12)
-        np.testing.assert_array_equal(out.initialMatrix, result.initial_matrix)
-        np.testing.assert_allclose(slicer_logic.initialMatrixFromAttribute(
-            out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)),
+        np.testing.assert_array_equal(out.result.initial_matrix, result.initial_matrix)
+        np.testing.assert_allclose(slicer_outputs.initialMatrixFromAttribute(
+            out.transformNode.GetAttribute(slicer_outputs.INITIAL_MATRIX_ATTRIBUTE)),
             result.initial_matrix, atol=1e-9)
         assert moving.GetParentTransformNode() is out.transformNode
         correlations[method] = _hardened_correlation(scene, moving, fixed_img, inside)
         if method == "none":
-            np.testing.assert_array_equal(out.initialMatrix, np.eye(4))
+            np.testing.assert_array_equal(out.result.initial_matrix, np.eye(4))
             assert np.abs(sitk.GetArrayFromImage(result.displacement)).max() == 0.0
         else:
             # the zero model moves nothing: the field is the affine map x -> A x
-            assert _rotation_degrees(out.initialMatrix) == pytest.approx(ROTATION_DEGREES, abs=3)
-            a = out.initialMatrix
+            assert _rotation_degrees(out.result.initial_matrix) == \
+                pytest.approx(ROTATION_DEGREES, abs=3)
+            a = out.result.initial_matrix
             field = sitk.DisplacementFieldTransform(sitk.Image(result.displacement))
             x = np.array([4.0, -6.0, 2.0])
             np.testing.assert_allclose(field.TransformPoint(tuple(x)), a[:3, :3] @ x + a[:3, 3],
@@ -1072,7 +1180,7 @@ def test_initial_alignment_is_computed_on_top_of_a_linear_parent_transform(
     fixed = bridge.imageToVolumeNode(fixed_img, scene, "fixed")
     plain = bridge.imageToVolumeNode(moving_img, scene, "moving plain")
     reference = slicer_logic.RegistrationLogic(scene).registerVolumes(
-        fixed, plain, model=zero_model_file, device="cpu", initialAlignment="rigid",
+        fixed, plain, model=zero_model_file, device="cpu", initial_alignment="rigid",
         showJacobian=False, showFolding=False)
 
     # a pre-alignment undoing half of the rotation (RAS; a rotation about S is the same in LPS)
@@ -1086,7 +1194,7 @@ def test_initial_alignment_is_computed_on_top_of_a_linear_parent_transform(
     moving = bridge.imageToVolumeNode(moving_img, scene, "moving")
     moving.SetAndObserveTransformNodeID(prealign.GetID())
     out = slicer_logic.RegistrationLogic(scene).registerVolumes(
-        fixed, moving, model=zero_model_file, device="cpu", initialAlignment="rigid",
+        fixed, moving, model=zero_model_file, device="cpu", initial_alignment="rigid",
         showJacobian=False, showFolding=False)
     args, kwargs, result = calls[-1]
     # the engine saw the moving volume in world coordinates (the pre-alignment folded in) ...
@@ -1094,11 +1202,10 @@ def test_initial_alignment_is_computed_on_top_of_a_linear_parent_transform(
                                parent_lps[:3, :3] @ np.reshape(moving_img.GetDirection(), (3, 3)),
                                atol=1e-9)
     # ... so its matrix is the rest of the way: parent o (matrix without the parent)
-    np.testing.assert_allclose(out.initialMatrix[:3, :3],
-                               (parent_lps @ reference.initialMatrix)[:3, :3], atol=0.03)
-    np.testing.assert_allclose(out.initialMatrix[:3, 3],
-                               (parent_lps @ reference.initialMatrix)[:3, 3], atol=0.5)
-    assert _rotation_degrees(out.initialMatrix) == pytest.approx(ROTATION_DEGREES / 2, abs=3)
+    matrix, reference_matrix = out.result.initial_matrix, reference.result.initial_matrix
+    np.testing.assert_allclose(matrix[:3, :3], (parent_lps @ reference_matrix)[:3, :3], atol=0.03)
+    np.testing.assert_allclose(matrix[:3, 3], (parent_lps @ reference_matrix)[:3, 3], atol=0.5)
+    assert _rotation_degrees(matrix) == pytest.approx(ROTATION_DEGREES / 2, abs=3)
     # chain: moving -> prealign -> output transform -> world
     assert moving.GetParentTransformNode() is prealign
     assert prealign.GetParentTransformNode() is out.transformNode
@@ -1107,29 +1214,30 @@ def test_initial_alignment_is_computed_on_top_of_a_linear_parent_transform(
 
 def test_real_engine_alignment_and_refinement_in_the_worker_process(scene, zero_model_file,
                                                                      rotated_pair, tmp_path):
-    from EOIRRegistrationLib.alignment import initial_alignment
+    from EOIRRegistrationLib.engine.alignment import initial_alignment
 
     fixed_img, moving_img, inside, rotation = rotated_pair
     fixed = bridge.imageToVolumeNode(fixed_img, scene, "fixed")
     moving = bridge.imageToVolumeNode(moving_img, scene, "moving")
     logic = slicer_logic.RegistrationLogic(scene)
     inputs = logic.prepareInputs(fixed, moving)
-    job = slicer_logic.ProcessRegistration(inputs, model=zero_model_file, device="cpu",
-                                           initialAlignment="com", refineIterations=3,
-                                           refineSeconds=60.0, tempDir=str(tmp_path)).start()
+    options = RegistrationOptions(model=zero_model_file, device="cpu", initial_alignment="com",
+                                  refine_iterations=3, refine_seconds=60.0)
+    job = runners.ProcessRegistration(inputs, options, tempDir=str(tmp_path)).start()
     assert job.wait(timeout=180), "worker did not finish"
     assert job.error is None, f"{job.error}\n{job.logTail()}"
     expected, used = initial_alignment(fixed_img, moving_img, "com")
     assert used == "com"
     np.testing.assert_allclose(job.result.initial_matrix, expected, atol=1e-6)
     assert "refining" in job.result.timings
+    assert job.result.options == options and job.result.initial_alignment == "com"
     out = logic.createOutputs(inputs, job.result)
-    np.testing.assert_allclose(slicer_logic.initialMatrixFromAttribute(
-        out.transformNode.GetAttribute(slicer_logic.INITIAL_MATRIX_ATTRIBUTE)), expected,
+    np.testing.assert_allclose(slicer_outputs.initialMatrixFromAttribute(
+        out.transformNode.GetAttribute(slicer_outputs.INITIAL_MATRIX_ATTRIBUTE)), expected,
         atol=1e-9)
     assert moving.GetParentTransformNode() is out.transformNode
     # the worker reports which contrast path ran; the outputs and their summary carry it
-    assert out.method.startswith("same contrast (intensity correlation ")
-    assert out.method.endswith("network + LNCC refinement, 3 steps")
-    assert out.summary().startswith(out.method + "; folding")
+    assert out.result.method.startswith("same contrast (intensity correlation ")
+    assert out.result.method.endswith("network + LNCC refinement, 3 steps")
+    assert out.summary().startswith(out.result.method + "; folding")
     assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from EOIRRegistrationLib import slicer_logic
+from EOIRRegistrationLib.engine import options as engine_options
+from EOIRRegistrationLib.engine.options import RegistrationOptions
+from EOIRRegistrationLib.slicer import texts
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
 MODULE_FILE = MODULE_DIR / "EOIRRegistration.py"
@@ -55,6 +57,27 @@ def parameter_fields(module_ast) -> dict:
             return {stmt.target.id: ast.unparse(stmt.annotation) for stmt in node.body
                     if isinstance(stmt, ast.AnnAssign)}
     raise AssertionError("no @parameterNodeWrapper class in EOIRRegistration.py")
+
+
+def parameter_defaults(module_ast) -> dict:
+    """Fields of the @parameterNodeWrapper class: name -> default value source."""
+    for node in module_ast.body:
+        if isinstance(node, ast.ClassDef) and any(
+                (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list):
+            return {stmt.target.id: ast.unparse(stmt.value) for stmt in node.body
+                    if isinstance(stmt, ast.AnnAssign) and stmt.value is not None}
+    raise AssertionError("no @parameterNodeWrapper class in EOIRRegistration.py")
+
+
+def choice_values(annotation: str) -> list:
+    """The values of the ``Choice(...)`` in a field annotation, its argument evaluated with the
+    engine's option constants (``engine.options``) it names."""
+    calls = [n for n in ast.walk(ast.parse(annotation, mode="eval"))
+             if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "Choice"]
+    assert len(calls) == 1, annotation
+    names = {name: getattr(engine_options, name) for name in dir(engine_options) if name.isupper()}
+    return list(eval(compile(ast.Expression(calls[0].args[0]), "<choice>", "eval"),
+                     {"__builtins__": {}, "list": list, **names}))
 
 
 def field_kind(annotation: str) -> str:
@@ -147,23 +170,42 @@ def test_module_defines_the_five_slicer_classes(module_ast):
     assert "ScriptedLoadableModuleWidget" in classes["EOIRRegistrationWidget"]
     assert "ScriptedLoadableModuleLogic" in classes["EOIRRegistrationLogic"]
     assert "ScriptedLoadableModuleTest" in classes["EOIRRegistrationTest"]
+    # the module logic is the headless RegistrationLogic (its registerVolumes) on the app's scene
+    assert "RegistrationLogic" in classes["EOIRRegistrationLogic"]
+    from EOIRRegistrationLib.slicer.logic import RegistrationLogic
+
+    for method in ("registerVolumes", "prepareInputs", "runEngine", "createOutputs"):
+        assert callable(getattr(RegistrationLogic, method))
     source = MODULE_FILE.read_text(encoding="utf-8")
     assert 'self.parent.categories = ["Registration"]' in source
-    for method in ("def registerVolumes(", "def runTest(", "def test_RegisterSyntheticPair("):
+    for method in ("def runTest(", "def test_RegisterSyntheticPair(",
+                   "def test_CancelLeavesSceneAsItWas("):
         assert method in source
+
+
+#: the package's modules EOIRRegistration.py may import at module load: none imports torch or
+#: the engine's pipeline (checked below in a fresh interpreter)
+LIGHT_PACKAGE_MODULES = {"EOIRRegistrationLib.engine.options", "EOIRRegistrationLib.slicer.texts",
+                         "EOIRRegistrationLib.slicer.logic", "EOIRRegistrationLib.slicer.panel"}
 
 
 def test_nothing_heavy_is_imported_at_module_load(module_ast):
     allowed = {"logging", "os", "shutil", "sys", "typing", "ctk", "qt", "vtk", "slicer",
                "slicer.ScriptedLoadableModule", "slicer.util", "slicer.parameterNodeWrapper",
-               "vtkSlicerSegmentationsModuleMRMLPython"}
+               "vtkSlicerSegmentationsModuleMRMLPython"} | LIGHT_PACKAGE_MODULES
 
     def top_level_imports(body):
         for node in body:
             if isinstance(node, ast.Import):
                 yield from (alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
-                yield node.module
+                package = MODULE_DIR.joinpath(*node.module.split("."))
+                for alias in node.names:  # "from package import module" names the module
+                    if (package / f"{alias.name}.py").is_file() or \
+                            (package / alias.name / "__init__.py").is_file():
+                        yield f"{node.module}.{alias.name}"
+                    else:
+                        yield node.module
             elif isinstance(node, ast.Try):
                 yield from top_level_imports(node.body)
                 for handler in node.handlers:
@@ -171,8 +213,25 @@ def test_nothing_heavy_is_imported_at_module_load(module_ast):
 
     imported = set(top_level_imports(module_ast.body))
     assert imported <= allowed, f"heavy imports at module load: {sorted(imported - allowed)}"
+    assert LIGHT_PACKAGE_MODULES <= imported  # (the list above is not stale)
     source = MODULE_FILE.read_text(encoding="utf-8")
     assert "import torch" not in source  # torch runs only in the worker process
+
+    # the package modules it imports pull in neither torch nor the engine's pipeline
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(MODULE_DIR)!r})\n"
+        + "".join(f"import {name}\n" for name in sorted(LIGHT_PACKAGE_MODULES))
+        + "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')\n"
+          "               or m == 'EOIRRegistrationLib.engine.pipeline')\n"
+          "assert not heavy, heavy\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
 
 
 def test_lazy_engine_imports_name_things_that_exist(module_ast):
@@ -186,6 +245,8 @@ def test_lazy_engine_imports_name_things_that_exist(module_ast):
                 node.module.startswith("EOIRRegistrationLib"):
             module = importlib.import_module(node.module)
             for alias in node.names:
+                if not hasattr(module, alias.name):  # a submodule: "from package import module"
+                    importlib.import_module(f"{node.module}.{alias.name}")
                 assert hasattr(module, alias.name), f"{node.module} has no {alias.name}"
                 checked += 1
     assert checked >= 5
@@ -227,7 +288,7 @@ def module_with_stub_application(monkeypatch):
     import types
     import unittest
 
-    from EOIRRegistrationLib import slicer_bridge
+    from EOIRRegistrationLib.slicer import bridge as slicer_bridge
 
     scene, app_logic = slicer_bridge.createStandaloneScene()
 
@@ -292,10 +353,10 @@ def test_module_logic_and_self_test_run_on_slicer_core(module_with_stub_applicat
     assert result.wasSuccessful(), result.errors + result.failures
 
     # the full self-test when the engine and a bundled model are present
-    from EOIRRegistrationLib.slicer_logic import listBundledModels
+    from EOIRRegistrationLib.slicer.catalog import listBundledModels
 
     try:
-        import EOIRRegistrationLib.pipeline  # noqa: F401
+        import EOIRRegistrationLib.engine.pipeline  # noqa: F401
         engine = bool(listBundledModels())
     except ModuleNotFoundError:
         engine = False
@@ -316,88 +377,158 @@ def _form_rows(ui_tree, section):
 
 def test_initial_alignment_and_refinement_widgets(ui_tree, widgets, module_ast):
     fields = parameter_fields(module_ast)
+    defaults = parameter_defaults(module_ast)
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    # the parameter node's defaults are the engine's (RegistrationOptions())
+    assert "\nDEFAULTS = RegistrationOptions()\n" in source
     # Inputs: the initial alignment combo box, bound to a Choice of the engine's method names
     assert "initialAlignmentComboBox" in _form_rows(ui_tree, "inputsCollapsibleButton")
     cls, props = widgets["initialAlignmentComboBox"]
     assert cls == "QComboBox" and text(props["SlicerParameterName"]) == "initialAlignment"
-    choices = re.search(r"Choice\((\[.*?\])\)", fields["initialAlignment"]).group(1)
-    assert ast.literal_eval(choices) == ["auto", "none", "com", "rigid", "affine"]
+    assert choice_values(fields["initialAlignment"]) == ["auto", "none", "com", "rigid", "affine"]
+    assert choice_values(fields["initialAlignment"]) == list(engine_options.INITIAL_ALIGNMENTS)
     assert "linear transform" in text(props["toolTip"])
-    source = MODULE_FILE.read_text(encoding="utf-8")
-    assert 'initialAlignment: Annotated[str, Choice(["auto", "none", "com", "rigid", "affine"])] = "auto"' \
-        in source  # the engine's default
+    assert defaults["initialAlignment"] == "DEFAULTS.initial_alignment"
+    assert RegistrationOptions().initial_alignment == "auto"  # the engine's default
     # the .ui lists the same choices, in the same order, with the labels the code sets
     element = next(e for e in ui_tree.iter("widget") if e.get("name") == "initialAlignmentComboBox")
     items = [item.find("property/string").text for item in element.findall("item")]
     assert items == ["Automatic (affine unless already aligned)", "None (inputs already aligned)",
                      "Centres of mass", "Rigid", "Affine"]
-    for label in items:
-        assert f'"{label}"' in source
+    assert list(texts.INITIAL_ALIGNMENT_LABELS) == list(engine_options.INITIAL_ALIGNMENTS)
+    assert list(texts.INITIAL_ALIGNMENT_LABELS.values()) == items
+    assert set(texts.INITIAL_ALIGNMENT_TIPS) == set(texts.INITIAL_ALIGNMENT_LABELS)
+    assert "texts.INITIAL_ALIGNMENT_LABELS, texts.INITIAL_ALIGNMENT_TIPS" in source
     # Advanced: refine iterations (0 = off, 0..1000), time budget (0 = no limit), similarity
     advanced = _form_rows(ui_tree, "advancedCollapsibleButton")
     assert {"refineIterationsSpinBox", "refineSecondsSpinBox", "refineSimilarityComboBox"} \
         <= advanced
-    similarities = re.search(r"Choice\((\[.*?\])\)", fields["refineSimilarity"]).group(1)
-    assert ast.literal_eval(similarities) == ["auto", "lncc", "mind"]
-    assert source.split("\n    refineSimilarity: ")[1].splitlines()[0].endswith('= "auto"')
+    assert choice_values(fields["refineSimilarity"]) == ["auto", "lncc", "mind"]
+    assert choice_values(fields["refineSimilarity"]) == \
+        ["auto", *engine_options.REFINE_SIMILARITIES]
+    assert defaults["refineSimilarity"] == "'auto'"
     element = next(e for e in ui_tree.iter("widget") if e.get("name") == "refineSimilarityComboBox")
     items = [item.find("property/string").text for item in element.findall("item")]
     assert items == ["Follow the contrast", "LNCC (same contrast)", "MIND-SSC (two contrasts)"]
-    assert all(f'"{label}"' in source for label in items)
+    assert list(texts.REFINE_SIMILARITY_LABELS) == ["auto", *engine_options.REFINE_SIMILARITIES]
+    assert list(texts.REFINE_SIMILARITY_LABELS.values()) == items
+    assert set(texts.REFINE_SIMILARITY_TIPS) == set(texts.REFINE_SIMILARITY_LABELS)
+    assert "texts.REFINE_SIMILARITY_LABELS, texts.REFINE_SIMILARITY_TIPS" in source
     # refine iterations: -1 = "default" (the engine's, by contrast), 0 = off, up to 1000
     cls, props = widgets["refineIterationsSpinBox"]
     assert cls == "QSpinBox" and text(props["SlicerParameterName"]) == "refineIterations"
     assert (text(props["minimum"]), text(props["maximum"]), text(props["value"])) == \
         ("-1", "1000", "-1")
     assert text(props["specialValueText"]) == "default"
-    assert fields["refineIterations"] == "Annotated[int, WithinRange(-1, 1000)]"
+    assert fields["refineIterations"] == "Annotated[int, WithinRange(-1, MAX_REFINE_ITERATIONS)]"
+    assert engine_options.MAX_REFINE_ITERATIONS == 1000
     cls, props = widgets["refineSecondsSpinBox"]
     assert cls == "QDoubleSpinBox" and text(props["SlicerParameterName"]) == "refineSeconds"
     assert float(text(props["minimum"])) == 0.0 and float(text(props["value"])) == 0.0
     assert text(props["specialValueText"]) == "no limit"
-    assert source.split("refineIterations: ")[1].splitlines()[0].endswith(
-        "= ENGINE_DEFAULT_REFINE_ITERATIONS")
+    assert defaults["refineIterations"] == "ENGINE_DEFAULT_REFINE_ITERATIONS"
     assert "ENGINE_DEFAULT_REFINE_ITERATIONS = -1\n" in source
-    assert slicer_logic.checkEngineOptions(refineIterations=-1)[1] is None  # engine's default
-    assert "= 0.0" in source.split("refineSeconds: ")[1].splitlines()[0]
+    assert defaults["refineSeconds"] == "0.0"
+    # (that -1 and 0.0 mean the engine's default and no limit: test_parameter_node_maps_...)
     # Advanced: the contrast choice (automatic by default, like the engine), in the engine's order
     assert "contrastComboBox" in advanced and "useNetwork" not in fields
     cls, props = widgets["contrastComboBox"]
     assert cls == "QComboBox" and text(props["SlicerParameterName"]) == "contrast"
-    contrasts = re.search(r"Choice\((\[.*?\])\)", fields["contrast"]).group(1)
-    assert tuple(ast.literal_eval(contrasts)) == slicer_logic.CONTRASTS
-    assert source.split("\n    contrast: ")[1].splitlines()[0].endswith('= "auto"')
+    assert tuple(choice_values(fields["contrast"])) == engine_options.CONTRASTS
+    assert defaults["contrast"] == "DEFAULTS.contrast" and RegistrationOptions().contrast == "auto"
     element = next(e for e in ui_tree.iter("widget") if e.get("name") == "contrastComboBox")
     items = [item.find("property/string").text for item in element.findall("item")]
     assert items == ["Automatic (from the volumes)", "Same contrast",
                      "Different contrasts (e.g. T1 and T2)"]
-    assert all(f'"{label}"' in source for label in items)
+    assert list(texts.CONTRAST_LABELS) == list(engine_options.CONTRASTS)
+    assert list(texts.CONTRAST_LABELS.values()) == items
+    assert set(texts.CONTRAST_TIPS) == set(texts.CONTRAST_LABELS)
+    assert "texts.CONTRAST_LABELS, texts.CONTRAST_TIPS" in source
+    # the device choice: the engine's devices, default the engine's
+    assert choice_values(fields["device"]) == list(engine_options.DEVICES)
+    assert list(texts.DEVICE_LABELS) == list(engine_options.DEVICES)
+    assert defaults["device"] == "DEFAULTS.device"
+
+
+def test_parameter_node_maps_to_the_engine_options(module_with_stub_application):
+    """The panel's "unset" values (-1 iterations, 0 s, "auto" similarity, 0 mm spacing) are the
+    engine's defaults; the other choices reach the options unchanged, and the field types the
+    wrapper sees name the engine's choices."""
+    import types
+    import typing
+
+    from EOIRRegistrationLib.core.errors import InputError
+
+    module, scene = module_with_stub_application
+    hints = typing.get_type_hints(module.EOIRRegistrationParameterNode, include_extras=True)
+    assert hints["initialAlignment"].__metadata__ == \
+        (("Choice", engine_options.INITIAL_ALIGNMENTS),)
+    assert hints["contrast"].__metadata__ == (("Choice", engine_options.CONTRASTS),)
+    assert hints["device"].__metadata__ == (("Choice", engine_options.DEVICES),)
+    assert hints["refineSimilarity"].__metadata__ == \
+        (("Choice", ("auto", *engine_options.REFINE_SIMILARITIES)),)
+    assert hints["refineIterations"].__metadata__ == \
+        (("WithinRange", -1, engine_options.MAX_REFINE_ITERATIONS),)
+    assert module.DEFAULTS == RegistrationOptions()
+
+    node = module.EOIRRegistrationParameterNode  # the plain class: its defaults
+    unset = types.SimpleNamespace(
+        model=node.model, device=node.device, workingSpacing=node.workingSpacing,
+        useIntensityWindow=node.useIntensityWindow, fixedWindowMin=node.fixedWindowMin,
+        fixedWindowMax=node.fixedWindowMax, movingWindowMin=node.movingWindowMin,
+        movingWindowMax=node.movingWindowMax, initialAlignment=node.initialAlignment,
+        contrast=node.contrast, refineIterations=node.refineIterations,
+        refineSeconds=node.refineSeconds, refineSimilarity=node.refineSimilarity)
+    options = module.optionsFromParameterNode(unset)
+    assert options == RegistrationOptions()
+    assert options.refine_iterations is None  # -1: the engine's default (by contrast)
+    assert options.refine_seconds is None and options.refine_similarity is None
+    assert options.working_spacing is None and options.intensity_window is None
+    assert module.optionsFromParameterNode(types.SimpleNamespace(
+        **{**vars(unset), "model": ""})).model == RegistrationOptions().model
+
+    chosen = types.SimpleNamespace(
+        model="/models/mine.pt", device="cpu", workingSpacing=1.5, useIntensityWindow=True,
+        fixedWindowMin=-100.0, fixedWindowMax=900.0, movingWindowMin=0.0, movingWindowMax=1200.0,
+        initialAlignment="rigid", contrast="different", refineIterations=0, refineSeconds=5.0,
+        refineSimilarity="mind")
+    assert module.optionsFromParameterNode(chosen) == RegistrationOptions(
+        model="/models/mine.pt", device="cpu", working_spacing=1.5,
+        intensity_window=((-100.0, 900.0), (0.0, 1200.0)), initial_alignment="rigid",
+        contrast="different", refine_iterations=0, refine_seconds=5.0, refine_similarity="mind")
+    # a bad choice is refused by the options' own checks (before anything is read)
+    with pytest.raises(InputError, match="intensity window"):
+        module.optionsFromParameterNode(types.SimpleNamespace(
+            **{**vars(chosen), "fixedWindowMax": -200.0}))
 
 
 def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_application,
                                                              monkeypatch):
-    """Apply: the widget hands the parameter node's choices to ProcessRegistration; the module
-    logic's registerVolumes passes them to the engine."""
+    """Apply: the widget hands the parameter node's choices to ProcessRegistration as one
+    RegistrationOptions; the module logic's registerVolumes passes them to the engine."""
     import types
 
     module, scene = module_with_stub_application
-    from EOIRRegistrationLib import slicer_bridge, slicer_logic
+    from EOIRRegistrationLib.slicer import bridge as slicer_bridge
+    from EOIRRegistrationLib.slicer import logic as slicer_logic
+    from EOIRRegistrationLib.slicer import runners
+    from EOIRRegistrationLib.slicer.selftest import syntheticTestPair
 
-    fixed_img, moving_img, _, _ = slicer_logic.syntheticTestPair(size=16)
+    fixed_img, moving_img, _, _ = syntheticTestPair(size=16)
     fixed = slicer_bridge.imageToVolumeNode(fixed_img, scene, "fixed")
     moving = slicer_bridge.imageToVolumeNode(moving_img, scene, "moving")
 
     started = []
 
     class RecordingProcess:
-        def __init__(self, inputs, **kwargs):
-            self.inputs, self.kwargs = inputs, kwargs
+        def __init__(self, inputs, options, **kwargs):
+            self.inputs, self.options, self.kwargs = inputs, options, kwargs
 
         def start(self):
             started.append(self)
             return self
 
-    monkeypatch.setattr(slicer_logic, "ProcessRegistration", RecordingProcess)
+    monkeypatch.setattr(runners, "ProcessRegistration", RecordingProcess)
     widget = object.__new__(module.EOIRRegistrationWidget)
     widget.logic = module.EOIRRegistrationLogic()
     widget._parameterNode = types.SimpleNamespace(
@@ -410,34 +541,51 @@ def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_ap
     widget._timer = types.SimpleNamespace(start=lambda: None)
     widget._startRegistration()
     (job,) = started
-    assert job.kwargs["initialAlignment"] == "affine"
-    assert job.kwargs["refineIterations"] == 40 and job.kwargs["refineSeconds"] == 12.5
-    assert job.kwargs["refineSimilarity"] == "mind" and job.kwargs["contrast"] == "different"
+    assert isinstance(job.options, RegistrationOptions)
+    assert job.options == RegistrationOptions(
+        model="default", device="cpu", initial_alignment="affine", refine_iterations=40,
+        refine_seconds=12.5, refine_similarity="mind", contrast="different")
+    assert job.options.initial_alignment == "affine"
+    assert job.options.refine_iterations == 40 and job.options.refine_seconds == 12.5
+    assert job.options.refine_similarity == "mind" and job.options.contrast == "different"
+    assert set(job.kwargs) == {"pythonExecutable", "tempDir"} and job.kwargs["tempDir"] == "/tmp"
     assert job.inputs.movingVolumeNode is moving
+    assert widget._jobOptions == dict(outputTransformNode=None, outputVolumeNode=None,
+                                      showJacobian=True, showFolding=False)
 
     calls = []
 
-    def fake_register(fixed, moving, **kwargs):
-        calls.append(kwargs)
+    def fake_register(fixed, moving, options=None, **kwargs):
+        calls.append((options, kwargs))
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(slicer_logic, "_engineRegister", lambda: fake_register)
     with pytest.raises(RuntimeError, match="stop here"):
-        module.EOIRRegistrationLogic().registerVolumes(fixed, moving, initialAlignment="com",
-                                                       refineIterations=5, refineSeconds=2.0,
-                                                       refineSimilarity="mind", useNetwork=False,
+        module.EOIRRegistrationLogic().registerVolumes(fixed, moving, initial_alignment="com",
+                                                       refine_iterations=5, refine_seconds=2.0,
+                                                       refine_similarity="mind", network=False,
                                                        contrast="same")
-    assert calls[0]["initial_alignment"] == "com" and calls[0]["network"] is False
-    assert calls[0]["contrast"] == "same"
-    assert calls[0]["refine"].iterations == 5 and calls[0]["refine"].time_budget_s == 2.0
-    assert calls[0]["refine"].similarity == "mind"
+    options, kwargs = calls[0]
+    assert options == RegistrationOptions(initial_alignment="com", refine_iterations=5,
+                                          refine_seconds=2.0, refine_similarity="mind",
+                                          network=False, contrast="same")
+    assert options.initial_alignment == "com" and options.network is False
+    assert options.contrast == "same"
+    assert options.refine_iterations == 5 and options.refine_seconds == 2.0
+    assert options.refine_similarity == "mind"
+    assert set(kwargs) == {"moving_labels", "progress", "cancel"}
 
 
 def test_results_say_which_contrast_path_ran(module_with_stub_application):
+    import math
     import types
 
+    import SimpleITK as sitk
+
     module, scene = module_with_stub_application
-    from EOIRRegistrationLib import slicer_logic
+    from helpers import registration_result
+
+    from EOIRRegistrationLib.slicer.outputs import RegistrationOutputs
 
     label = lambda: types.SimpleNamespace(text="")  # noqa: E731
     widget = object.__new__(module.EOIRRegistrationWidget)
@@ -446,13 +594,26 @@ def test_results_say_which_contrast_path_ran(module_with_stub_application):
         foldingValueLabel=label(), sdlogjValueLabel=label(), jacobianRangeValueLabel=label(),
         runValueLabel=label(), statusLabel=label())
     node = types.SimpleNamespace(GetName=lambda: "moving-to-fixed")
+    image = sitk.Image(6, 5, 4, sitk.sitkFloat32)
+    displacement = sitk.Image([6, 5, 4], sitk.sitkVectorFloat64, 3)
+    result = registration_result(
+        image, image, displacement, model_name="eoir", device="cpu", contrast="different",
+        contrast_correlation=-0.24, network=False,
+        refinement={"iterations": 40, "similarity": "mind", "sample_fraction": 0.25})
     method = "different contrasts (intensity correlation -0.24): MIND-SSC refinement alone, 40 steps"
-    outputs = slicer_logic.RegistrationOutputs(transformNode=node, qa={"folding_percent": 0.0},
-                                               modelName="eoir", device="cpu", method=method)
-    widget._showResults(outputs, 12.0)
+    assert result.method == method
+    widget._showResults(RegistrationOutputs(transformNode=node, result=result), 12.0)
     assert widget.ui.statusLabel.text.endswith(
         "shown through it. Different contrasts (intensity correlation -0.24): MIND-SSC "
         "refinement alone, 40 steps.")
-    outputs.method = ""
-    widget._showResults(outputs, 12.0)
-    assert widget.ui.statusLabel.text.endswith("shown through it.")
+    # the QA figures and the run come from the result
+    assert widget.ui.foldingValueLabel.text == "0.0000 % of voxels"
+    assert widget.ui.sdlogjValueLabel.text == "0.0000"
+    assert widget.ui.jacobianRangeValueLabel.text == "1.000 / 1.000"
+    assert widget.ui.runValueLabel.text == "eoir on cpu, 12.0 s"
+    # the other path, without a correlation figure
+    result.contrast, result.contrast_correlation, result.network = "same", math.nan, True
+    result.refinement = {"iterations": 10, "similarity": "lncc", "sample_fraction": 1.0}
+    widget._showResults(RegistrationOutputs(transformNode=node, result=result), 12.0)
+    assert widget.ui.statusLabel.text.endswith(
+        "shown through it. Same contrast: network + LNCC refinement, 10 steps.")

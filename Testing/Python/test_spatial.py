@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from EOIRRegistrationLib import spatial
+from EOIRRegistrationLib.core import spatial
 
 
 def linear_field(shape, a, t):

@@ -7,7 +7,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from EOIRRegistrationLib import cli, modelfile
+from EOIRRegistrationLib.cli import train as train_cli
+from EOIRRegistrationLib.engine import modelfile
 from EOIRRegistrationLib.training.data import FileSource, entries_from
 from EOIRRegistrationLib.training.synthetic import SyntheticConfig, synthetic_pair
 
@@ -16,7 +17,7 @@ TINY = ["--channels", "4", "--levels", "3", "--shape", "32", "32", "32", "--thre
 
 
 def train(out, *extra):
-    return cli.train_main(["--output-dir", str(out), *TINY, *map(str, extra)])
+    return train_cli.main(["--output-dir", str(out), *TINY, *map(str, extra)])
 
 
 def test_synthetic_pairs_are_deterministic_and_labelled():
@@ -143,7 +144,7 @@ def test_training_from_a_folder_and_a_learn2reg_json(tmp_path):
     assert pair["fixed"].shape == (1, 1, 16, 16, 16)
     assert set(torch.unique(pair["fixed_labels"]).tolist()) == {0, 1, 2}
     out = tmp_path / "run"
-    assert cli.train_main(["--output-dir", str(out), "--data", str(tmp_path / "imgs"),
+    assert train_cli.main(["--output-dir", str(out), "--data", str(tmp_path / "imgs"),
                            "--channels", "4", "--levels", "3", "--shape", "16", "16", "16",
                            "--iterations", "2", "--validate-every", "2", "--validation-pairs", "1",
                            "--dice-weight", "1.0", "--threads", "1"]) == 0

@@ -1,9 +1,13 @@
-"""Model registry: architecture name -> (class, config class). Model files name their
-architecture, and the engine rebuilds the network from the stored config through this table."""
+"""The networks (EOIR, GeoReg) and their registry: architecture name -> (class, config class).
+Model files name their architecture, and the engine rebuilds the network from the stored config
+through this table.
+
+May import: ``core``.
+"""
 from __future__ import annotations
 
-from .eoir import EOIR, EOIRConfig
-from .georeg import GeoReg, GeoRegConfig
+from EOIRRegistrationLib.models.eoir import EOIR, EOIRConfig
+from EOIRRegistrationLib.models.georeg import GeoReg, GeoRegConfig
 
 ARCHITECTURES = {"eoir": (EOIR, EOIRConfig), "georeg": (GeoReg, GeoRegConfig)}
 

@@ -15,15 +15,14 @@ local self-similarity (scaling, offset, inversion): a contrast-agnostic variant.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import losses, spatial
-
+from EOIRRegistrationLib.core import losses, spatial
 
 INPUT_FEATURES = ("intensity", "mind")
 MIND_CHANNELS = 12
@@ -58,7 +57,7 @@ class EOIRConfig:
             raise ValueError(f"EOIRConfig.input_features must be one of {INPUT_FEATURES}, got "
                              f"{self.input_features!r}")
         if not set(self.pyramid_axes) <= {0, 1, 2} or not self.pyramid_axes:
-            raise ValueError(f"EOIRConfig.pyramid_axes must be a non-empty subset of (0, 1, 2)")
+            raise ValueError("EOIRConfig.pyramid_axes must be a non-empty subset of (0, 1, 2)")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -14,10 +14,10 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
-from .. import geometry
-from ..errors import InputError
-from ..intensity import DEFAULT_NORMALIZATION, normalize, window_of
-from .synthetic import SyntheticConfig, synthetic_pair
+from EOIRRegistrationLib.core import geometry
+from EOIRRegistrationLib.core.errors import InputError
+from EOIRRegistrationLib.core.intensity import DEFAULT_NORMALIZATION, normalize, window_of
+from EOIRRegistrationLib.training.synthetic import SyntheticConfig, synthetic_pair
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -50,7 +50,7 @@ def entries_from(path: str | Path) -> tuple[list[dict], list[tuple[int, int]]]:
         entries = []
         for img in images:
             stem = img.name.split(".")[0]
-            match = [l for n, l in labels.items() if n.startswith(stem)]
+            match = [label for n, label in labels.items() if n.startswith(stem)]
             entries.append({"image": str(img), **({"label": str(match[0])} if match else {})})
         return entries, []
     if path.suffix == ".json":

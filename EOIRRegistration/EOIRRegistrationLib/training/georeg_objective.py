@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import losses, spatial
+from EOIRRegistrationLib.core import losses, spatial
 
 # Bending-energy weight per level (finest first), on displacements in voxels of their level.
 # The paper uses [50, 50, 25, 12, 6, 3] on normalised ([-1, 1]) coordinates, where displacements

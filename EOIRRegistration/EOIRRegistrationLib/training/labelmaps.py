@@ -26,10 +26,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .. import geometry, spatial
-from ..errors import InputError
-from ..intensity import normalize, window_of
-from .synthetic import SyntheticConfig, smooth_noise, _uniform
+from EOIRRegistrationLib.core import geometry, spatial
+from EOIRRegistrationLib.core.errors import InputError
+from EOIRRegistrationLib.core.intensity import normalize, window_of
+from EOIRRegistrationLib.training.synthetic import SyntheticConfig, _uniform, smooth_noise
 
 EXTRA_CEREBRAL_FIRST_LABEL = 500
 

@@ -11,12 +11,12 @@ registers one (contrast invariance), without moving its one-contrast behaviour.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .. import losses, spatial
+from EOIRRegistrationLib.core import losses, spatial
 
 
 @dataclass
@@ -103,5 +103,6 @@ def eoir_objective(model, fixed, moving, cfg: ObjectiveConfig, fixed_labels=None
 
 
 OBJECTIVES = {"eoir": eoir_objective}
-from .georeg_objective import georeg_objective  # noqa: E402
+from EOIRRegistrationLib.training.georeg_objective import georeg_objective  # noqa: E402
+
 OBJECTIVES["georeg"] = georeg_objective

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import spatial
-from ..intensity import normalize, window_of
+from EOIRRegistrationLib.core import spatial
+from EOIRRegistrationLib.core.intensity import normalize, window_of
 
 
 @dataclass

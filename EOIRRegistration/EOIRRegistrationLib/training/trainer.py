@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .. import metrics, spatial
-from ..devices import resolve_device
-from ..errors import InputError, ModelFileError
-from ..intensity import DEFAULT_NORMALIZATION
-from ..modelfile import atomic_torch_save, model_payload, save_model
-from ..models import build_model
-from .data import FileSource, SyntheticSource
-from .objectives import OBJECTIVES, ObjectiveConfig
-from .synthetic import SyntheticConfig
+from EOIRRegistrationLib.core import metrics, qa, spatial
+from EOIRRegistrationLib.core.errors import InputError, ModelFileError
+from EOIRRegistrationLib.core.intensity import DEFAULT_NORMALIZATION
+from EOIRRegistrationLib.engine.devices import resolve_device
+from EOIRRegistrationLib.engine.modelfile import atomic_torch_save, model_payload, save_model
+from EOIRRegistrationLib.models import build_model
+from EOIRRegistrationLib.training.data import FileSource, SyntheticSource
+from EOIRRegistrationLib.training.objectives import OBJECTIVES, ObjectiveConfig
+from EOIRRegistrationLib.training.synthetic import SyntheticConfig
 
 CHECKPOINT_FORMAT = "eoir-registration-checkpoint"
 LOG_FIELDS = ["iteration", "seconds", "lr", "loss", "similarity", "regularity",
@@ -74,7 +74,7 @@ def make_source(cfg: TrainConfig):
     if cfg.data == "synthetic":
         return SyntheticSource(SyntheticConfig(**{"shape": tuple(cfg.shape), **cfg.synthetic}))
     if cfg.data.startswith("labelmaps:"):
-        from .labelmaps import LabelMapSource
+        from EOIRRegistrationLib.training.labelmaps import LabelMapSource
         try:
             return LabelMapSource(cfg.data[len("labelmaps:"):], shape=cfg.shape,
                                   spacing=cfg.working_spacing_mm[0], **cfg.source_options)
@@ -107,15 +107,15 @@ def validate(model, pairs: list[dict], device, label_values=()) -> dict:
         p = _to(pair, device)
         u = model(p["fixed"], p["moving"])
         det = metrics.jacobian_determinant_voxel(u)
-        fold.append(100.0 * metrics.folding_fraction(det))
+        fold.append(100.0 * qa.folding_fraction(det.cpu()))
         if "fixed_labels" in p:
             fl = p["fixed_labels"][0, 0].cpu().numpy()
             ml = p["moving_labels"]
             warped = spatial.warp(ml.float(), u, mode="nearest").long()[0, 0].cpu().numpy()
             values = list(label_values) or [int(v) for v in torch.unique(p["fixed_labels"])
                                             if v != 0]
-            before.append(_mean(metrics.dice(fl, ml[0, 0].cpu().numpy(), values)))
-            after.append(_mean(metrics.dice(fl, warped, values)))
+            before.append(_mean(qa.dice(fl, ml[0, 0].cpu().numpy(), values)))
+            after.append(_mean(qa.dice(fl, warped, values)))
     model.train()
     return {"val_dice_before": _avg(before), "val_dice_after": _avg(after),
             "val_folding_percent": _avg(fold)}
@@ -168,7 +168,7 @@ def _load_checkpoint(path: Path) -> dict:
 def _load_initial_weights(model, cfg: TrainConfig) -> None:
     """Start from a trained model's weights (fine-tuning); its architecture and configuration
     must be the ones being trained."""
-    from ..modelfile import resolve_model
+    from EOIRRegistrationLib.engine.modelfile import resolve_model
     start = resolve_model(cfg.init_from)
     if start.architecture != cfg.architecture or start.model.config() != model.config():
         raise InputError(f"--init-from {cfg.init_from}: that model is {start.architecture} "
@@ -184,7 +184,7 @@ def _load_teacher(cfg: TrainConfig, source, device):
         if ObjectiveConfig(**cfg.objective).distill_weight > 0:
             raise InputError("a distillation weight needs a teacher (--distill-from)")
         return None
-    from ..modelfile import resolve_model
+    from EOIRRegistrationLib.engine.modelfile import resolve_model
     if not getattr(source, "renders_moving_in_fixed_contrast", False):
         raise InputError("--distill-from needs labelmaps: data (the teacher sees the moving "
                          "anatomy rendered in the fixed image's contrast)")

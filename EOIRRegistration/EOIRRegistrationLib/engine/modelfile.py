@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelFileError
-from .intensity import DEFAULT_NORMALIZATION
-from .models import ARCHITECTURES, build_model
+from EOIRRegistrationLib.core.errors import ModelFileError
+from EOIRRegistrationLib.core.intensity import DEFAULT_NORMALIZATION
+from EOIRRegistrationLib.engine.options import DEFAULT_MODEL
+from EOIRRegistrationLib.models import ARCHITECTURES, build_model
 
 FORMAT = "eoir-registration-model"
 FORMAT_VERSION = 1
-BUNDLED_DIR = Path(__file__).resolve().parent / "bundled_models"
-DEFAULT_MODEL = "eoir-synth-ns8"
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled_models"
 
 
 @dataclass

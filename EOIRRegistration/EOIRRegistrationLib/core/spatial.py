@@ -25,7 +25,7 @@ Identity grids are computed on the fly (cheap) and never stored in modules or ch
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import Grid
+from EOIRRegistrationLib.core.geometry import Grid
 
 
 def _slice(image: sitk.Image, k: int) -> np.ndarray:

@@ -1,50 +1,28 @@
-"""Evaluation metrics: Jacobian determinants, folding, SDlogJ (torch) and Dice, HD95 (numpy).
+"""Jacobian determinants (torch) and the HD95 surface distance (numpy, scipy).
 
-* Jacobian functions take and return **torch** tensors; the summaries of a determinant map
-  (``folding_fraction``, ``sdlogj``, ``jacobian_summary``) accept a torch tensor or a numpy array
-  and return plain Python floats.
-* Label metrics (``dice``, ``hd95``) take integer **numpy** label arrays (CPU tensors also work
-  through ``np.asarray``) in array order ``(k, j, i)``.
+* Jacobian functions take and return **torch** tensors; their summaries (folding, SDlogJ) and
+  Dice are defined once in ``core/qa.py``.
+* ``hd95`` takes integer **numpy** label arrays in array order ``(k, j, i)``; scipy is imported
+  when it is called.
 * Memory: sized for whole 160x192x224 volumes: the physical Jacobian is computed slab by slab,
-  HD95 works on the bounding box of the structure, Dice uses label counts.
+  HD95 works on the bounding box of the structure.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from . import spatial
-from .geometry import Grid
+from EOIRRegistrationLib.core import spatial
+from EOIRRegistrationLib.core.geometry import Grid
+from EOIRRegistrationLib.core.qa import label_array
 
-__all__ = [
-    "STANDARD_30_LABELS",
-    "SYNTHSEG_COMPARABLE_LABELS",
-    "jacobian_determinant",
-    "jacobian_determinant_voxel",
-    "folding_fraction",
-    "sdlogj",
-    "jacobian_summary",
-    "dice",
-    "hd95",
-]
-
-# FreeSurfer aseg labels of the usual 30-structure brain evaluation.
-STANDARD_30_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43,
-                      46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
-# The 27 of them that SynthSeg label maps share with FreeSurfer segmentations: SynthSeg's 24 is
-# the whole extra-cerebral CSF shell (a few sulcal voxels in FreeSurfer) and SynthSeg has no
-# choroid plexus (31, 63). Training on 24 teaches the model to align that shell, which moved
-# cortex and deep structures away on real T1 pairs.
-SYNTHSEG_COMPARABLE_LABELS = tuple(v for v in STANDARD_30_LABELS if v not in (24, 31, 63))
+__all__ = ["jacobian_determinant", "jacobian_determinant_voxel", "hd95"]
 
 # Voxels per slab of the physical Jacobian (float32 temporaries ~0.2 kB per voxel: ~0.4 GB).
 _SLAB_VOXELS = 1 << 21
-
-LOG_CLIP = (1e-9, 1e9)
 
 
 def _det(m: torch.Tensor) -> torch.Tensor:
@@ -105,94 +83,10 @@ def jacobian_determinant_voxel(disp: torch.Tensor) -> torch.Tensor:
     return _det(g.movedim(0, 2))
 
 
-def _select(det, mask, func: str) -> torch.Tensor:
-    t = torch.as_tensor(det)
-    if mask is None:
-        return t.reshape(-1)
-    m = torch.as_tensor(mask, device=t.device)
-    if m.shape != t.shape:
-        raise ValueError(f"{func}: mask shape {tuple(m.shape)} differs from det shape "
-                         f"{tuple(t.shape)}")
-    return t[m.to(torch.bool)]
-
-
-def _folding(t: torch.Tensor) -> float:
-    return float((t <= 0).sum()) / t.numel() if t.numel() else math.nan
-
-
-def _sdlogj(t: torch.Tensor) -> float:
-    if not t.numel():
-        return math.nan
-    v = t.to(torch.float64).clamp(*LOG_CLIP).log_()
-    return float(v.std(correction=0))
-
-
-def folding_fraction(det, mask=None) -> float:
-    """Fraction (0..1) of voxels with ``det <= 0``, over all voxels or where the boolean ``mask``
-    is true; NaN when no voxel is selected."""
-    return _folding(_select(det, mask, "folding_fraction"))
-
-
-def sdlogj(det, mask=None) -> float:
-    """Population standard deviation (ddof 0) of ``log(clip(det, 1e-9, 1e9))`` (the Learn2Reg
-    clip: folded voxels count as log(1e-9) = -20.7), optionally within a boolean mask; NaN when
-    no voxel is selected."""
-    return _sdlogj(_select(det, mask, "sdlogj"))
-
-
-def jacobian_summary(det, mask=None) -> dict:
-    """``{"folding_percent", "sdlogj", "jacobian_min", "jacobian_max"}`` as Python floats
-    (folding in percent, 0..100), optionally within a boolean mask; NaN when empty."""
-    t = _select(det, mask, "jacobian_summary")
-    empty = not t.numel()
-    return {
-        "folding_percent": 100.0 * _folding(t),
-        "sdlogj": _sdlogj(t),
-        "jacobian_min": math.nan if empty else float(t.min()),
-        "jacobian_max": math.nan if empty else float(t.max()),
-    }
-
-
-def _label_array(x, func: str) -> np.ndarray:
-    a = np.asarray(x)
-    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
-        raise ValueError(f"{func}: label arrays must have an integer dtype, got {a.dtype} "
-                         "(cast label maps read as float with .astype(int))")
-    return a
-
-
-def _counts(a: np.ndarray) -> dict[int, int]:
-    if a.size and a.min() >= 0 and a.max() <= 65535:
-        c = np.bincount(a.reshape(-1).astype(np.intp, copy=False))
-        nz = np.flatnonzero(c)
-        return dict(zip(nz.tolist(), c[nz].tolist()))
-    v, c = np.unique(a, return_counts=True)
-    return dict(zip(v.tolist(), c.tolist()))
-
-
-def dice(labels_a, labels_b, values: Sequence[int] | None = None) -> dict[int, float]:
-    """Dice overlap ``2 |A n B| / (|A| + |B|)`` per label value of two integer label arrays.
-
-    ``values`` defaults to the sorted union of the nonzero labels present in either array; a
-    label absent from both arrays gets NaN.
-    """
-    a = _label_array(labels_a, "dice")
-    b = _label_array(labels_b, "dice")
-    if a.shape != b.shape:
-        raise ValueError(f"dice: label arrays must have the same shape, got {a.shape} and {b.shape}")
-    count_a, count_b = _counts(a), _counts(b)
-    inter = _counts(a[a == b])  # voxels where both carry the same label
-    if values is None:
-        values = sorted(v for v in set(count_a) | set(count_b) if v != 0)
-    out = {}
-    for v in (int(v) for v in values):
-        total = count_a.get(v, 0) + count_b.get(v, 0)
-        out[v] = 2.0 * inter.get(v, 0) / total if total else math.nan
-    return out
-
-
 def _surface(m: np.ndarray) -> np.ndarray:
     """Voxels of ``m`` with a face neighbour outside ``m`` (outside the array counts as outside)."""
+    from scipy import ndimage
+
     st = ndimage.generate_binary_structure(m.ndim, 1)
     return m & ~ndimage.binary_erosion(m, structure=st, border_value=0)
 
@@ -207,8 +101,8 @@ def hd95(labels_a, labels_b, value: int, spacing: Sequence[float] | Grid) -> flo
     (``distance_transform_edt`` with ``sampling``). Result: ``max(P95(A->B), P95(B->A))`` with
     numpy's linear percentile. NaN when the structure is empty in either array.
     """
-    a_lab = _label_array(labels_a, "hd95")
-    b_lab = _label_array(labels_b, "hd95")
+    a_lab = label_array(labels_a, "hd95")
+    b_lab = label_array(labels_b, "hd95")
     if a_lab.shape != b_lab.shape:
         raise ValueError(f"hd95: label arrays must have the same shape, got {a_lab.shape} and "
                          f"{b_lab.shape}")
@@ -228,6 +122,8 @@ def hd95(labels_a, labels_b, value: int, spacing: Sequence[float] | Grid) -> flo
         hit = np.flatnonzero(union.any(axis=tuple(x for x in range(union.ndim) if x != axis)))
         box.append(slice(hit[0], hit[-1] + 1))
     box = tuple(box)
+    from scipy import ndimage
+
     sa, sb = _surface(a[box]), _surface(b[box])
     d_ab = ndimage.distance_transform_edt(~sb, sampling=sp)[sa]
     d_ba = ndimage.distance_transform_edt(~sa, sampling=sp)[sb]

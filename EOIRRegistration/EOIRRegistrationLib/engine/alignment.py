@@ -18,10 +18,10 @@ from contextlib import contextmanager
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .geometry import Grid
+from EOIRRegistrationLib.core.errors import InputError
+from EOIRRegistrationLib.core.geometry import Grid
+from EOIRRegistrationLib.engine.options import INITIAL_ALIGNMENTS
 
-METHODS = ("auto", "none", "com", "rigid", "affine")
 # The coarse grid's spacing: about COARSE_VOXELS voxels over the fixed field of view, within
 # these bounds. Brain MRI (151 x 157 x 200 mm) gets 4 mm: half the time of 3 mm for -0.003 Dice
 # after the deformable step in benchmarks/bench_brain.py (5 mm: -0.008). A small field of view
@@ -213,4 +213,4 @@ def initial_alignment(fixed: sitk.Image, moving: sitk.Image, method: str = "auto
         return center_of_mass_matrix(fixed, moving), method
     if method in ("rigid", "affine"):
         return optimised_matrix(fixed, moving, method), method
-    raise InputError(f"unknown initial alignment {method!r}; choose one of {', '.join(METHODS)}")
+    raise InputError(f"unknown initial alignment {method!r}; choose one of {', '.join(INITIAL_ALIGNMENTS)}")

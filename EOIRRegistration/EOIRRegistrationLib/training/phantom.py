@@ -13,8 +13,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import geometry, spatial
-from .training.synthetic import SyntheticConfig, smooth_noise, random_label_map, render
+from EOIRRegistrationLib.core import geometry, spatial
+from EOIRRegistrationLib.training.synthetic import (
+    SyntheticConfig,
+    random_label_map,
+    render,
+    smooth_noise,
+)
 
 DEMO_SHAPE = (64, 96, 96)            # array order (k, j, i)
 DEMO_SPACING = (1.5, 1.5, 2.0)       # mm, ITK order (x, y, z)

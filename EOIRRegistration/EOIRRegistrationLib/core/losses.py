@@ -7,7 +7,8 @@ grid (no physical spacing enters any loss). Every loss returns a scalar tensor t
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

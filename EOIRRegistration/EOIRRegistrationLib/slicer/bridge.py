@@ -23,20 +23,20 @@ Conventions (see ``geometry.py`` for the engine side):
 * Volumes under *linear* parent transforms are read in world coordinates (the parent matrices are
   folded into the image geometry). A non-linear parent transform is refused with a message asking
   to harden it first.
+
+The QA overlays are in ``display.py``, segmentations and label maps in ``segmentations.py``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import SimpleITK as sitk
+import slicer
 import vtk
 from vtk.util import numpy_support
 
-import slicer
-
-from .errors import InputError
+from EOIRRegistrationLib.core.errors import InputError
 
 __all__ = [
     "LPS_TO_RAS",
@@ -48,18 +48,9 @@ __all__ = [
     "imageToVolumeNode",
     "displacementToGridTransform",
     "setGridTransformFromDisplacement",
-    "createGridTransformNode",
     "gridTransformNodeToDisplacement",
     "placeMovingUnderTransform",
     "setRegistrationReferences",
-    "getOrCreateJacobianColorNode",
-    "getOrCreateFoldingColorNode",
-    "showJacobianVolume",
-    "showFoldingLabelmap",
-    "setSliceViewerLayers",
-    "SegmentInfo",
-    "segmentationToLabelImage",
-    "labelImageToSegmentationNode",
     "removeNodes",
     "UndoStack",
     "createStandaloneScene",
@@ -68,9 +59,6 @@ __all__ = [
 #: 3x3 matrix taking LPS coordinates (positions or vectors) to RAS and back (it is its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
-JACOBIAN_COLOR_NODE_NAME = "EOIR Jacobian (blue-white-red)"
-FOLDING_COLOR_NODE_NAME = "EOIR folding (red)"
-_COLOR_ATTRIBUTE = "EOIRRegistration.ColorTable"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,12 +232,6 @@ def setGridTransformFromDisplacement(transformNode, displacement: sitk.Image) ->
     transformNode.SetAndObserveTransformFromParent(displacementToGridTransform(displacement))
 
 
-def createGridTransformNode(scene, displacement: sitk.Image, name: str = "Transform"):
-    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
-    setGridTransformFromDisplacement(node, displacement)
-    return node
-
-
 def gridTransformNodeToDisplacement(transformNode) -> sitk.Image:
     """The displacement (LPS mm, resampling direction) stored as a grid TransformFromParent."""
     transform = transformNode.GetTransformFromParent()
@@ -320,209 +302,6 @@ def setRegistrationReferences(transformNode, fixedNode, movingNode) -> None:
     """Standard Slicer references: the transform's fixed and moving volumes."""
     transformNode.SetNodeReferenceID(transformNode.GetMovingNodeReferenceRole(), movingNode.GetID())
     transformNode.SetNodeReferenceID(transformNode.GetFixedNodeReferenceRole(), fixedNode.GetID())
-
-
-# ---------------------------------------------------------------------------------------------
-# QA overlays
-# ---------------------------------------------------------------------------------------------
-
-def _findColorNode(scene, kind: str):
-    nodes = scene.GetNodesByClass("vtkMRMLColorTableNode")
-    try:
-        for i in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(i)
-            if node.GetAttribute(_COLOR_ATTRIBUTE) == kind:
-                return node
-    finally:
-        nodes.UnRegister(None)
-    return None
-
-
-def _diverging(t: float) -> tuple[float, float, float]:
-    """Blue (t=0) -> white (t=0.5) -> red (t=1), perceptually balanced-ish (ColorBrewer RdBu)."""
-    blue = np.array([0.020, 0.188, 0.380])
-    lightBlue = np.array([0.573, 0.773, 0.871])
-    white = np.array([0.969, 0.969, 0.969])
-    lightRed = np.array([0.957, 0.647, 0.510])
-    red = np.array([0.404, 0.000, 0.122])
-    stops = [(0.0, blue), (0.25, lightBlue), (0.5, white), (0.75, lightRed), (1.0, red)]
-    for (t0, c0), (t1, c1) in zip(stops[:-1], stops[1:]):
-        if t <= t1:
-            w = (t - t0) / (t1 - t0)
-            return tuple(float(v) for v in (1 - w) * c0 + w * c1)
-    return tuple(float(v) for v in red)
-
-
-def getOrCreateJacobianColorNode(scene, created: list | None = None):
-    """A 256-entry diverging blue-white-red table (white in the middle), shared by all results.
-
-    ``created`` (optional list) receives the node if this call added it to the scene.
-    """
-    colors = [(f"{i}", *_diverging(i / 255.0), 1.0) for i in range(256)]
-    return _getOrCreateColorTable(scene, "jacobian", JACOBIAN_COLOR_NODE_NAME, colors, created)
-
-
-def getOrCreateFoldingColorNode(scene, created: list | None = None):
-    """Two-entry label table: 0 = background (transparent), 1 = folding (red)."""
-    colors = [("background", 0.0, 0.0, 0.0, 0.0), ("folding", 1.0, 0.0, 0.0, 1.0)]
-    return _getOrCreateColorTable(scene, "folding", FOLDING_COLOR_NODE_NAME, colors, created)
-
-
-def _getOrCreateColorTable(scene, kind: str, name: str, colors, created: list | None):
-    """The scene's colour table of this ``kind`` (tagged by attribute), or a new one with
-    ``colors`` = [(label, r, g, b, a), ...]; a new node is appended to ``created``."""
-    node = _findColorNode(scene, kind)
-    if node is not None:
-        return node
-    node = slicer.vtkMRMLColorTableNode()
-    node.SetTypeToUser()
-    node.SetNumberOfColors(len(colors))
-    for i, (label, r, g, b, a) in enumerate(colors):
-        node.SetColor(i, label, r, g, b, a)
-    node.SetName(name)
-    node.SetAttribute(_COLOR_ATTRIBUTE, kind)
-    node.SetAttribute("Category", "EOIRRegistration")
-    scene.AddNode(node)
-    if created is not None:
-        created.append(node)
-    return node
-
-
-def showJacobianVolume(jacobianNode, colorNode, halfRange: float | None = None) -> tuple:
-    """Display the determinant with the diverging table centred on 1 (white = volume preserved,
-    blue = compression, red = expansion). Returns the displayed (min, max)."""
-    if halfRange is None:
-        array = numpy_support.vtk_to_numpy(jacobianNode.GetImageData().GetPointData().GetScalars())
-        finite = array[np.isfinite(array)]
-        spread = float(np.max(np.abs(finite - 1.0))) if finite.size else 1.0
-        halfRange = float(np.clip(spread, 0.1, 1.0))
-    jacobianNode.CreateDefaultDisplayNodes()
-    display = jacobianNode.GetDisplayNode()
-    display.SetAndObserveColorNodeID(colorNode.GetID())
-    display.SetAutoWindowLevel(False)
-    display.SetWindowLevelMinMax(1.0 - halfRange, 1.0 + halfRange)
-    return (1.0 - halfRange, 1.0 + halfRange)
-
-
-def showFoldingLabelmap(foldingNode, colorNode) -> None:
-    foldingNode.CreateDefaultDisplayNodes()
-    foldingNode.GetDisplayNode().SetAndObserveColorNodeID(colorNode.GetID())
-
-
-def setSliceViewerLayers(scene, background=None, foreground=None, foregroundOpacity=None,
-                         label=None) -> int:
-    """Set the layers of every slice view of ``scene`` (nodes or None to leave a layer alone).
-    Returns the number of slice views changed (0 in a scene without views)."""
-    count = scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")
-    for i in range(count):
-        composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-        if background is not None:
-            composite.SetBackgroundVolumeID(background.GetID())
-        if foreground is not None:
-            composite.SetForegroundVolumeID(foreground.GetID())
-        if foregroundOpacity is not None:
-            composite.SetForegroundOpacity(foregroundOpacity)
-        if label is not None:
-            composite.SetLabelVolumeID(label.GetID())
-    return count
-
-
-# ---------------------------------------------------------------------------------------------
-# Segmentations and label maps
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    """One segment of a propagated segmentation: its label value in the exported label image."""
-
-    labelValue: int
-    segmentId: str
-    name: str
-    color: tuple
-
-
-def _segmentationLogicClass():
-    return slicer.vtkSlicerSegmentationsModuleLogic
-
-
-def _nodeIDs(scene) -> set:
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-
-
-def _nodesAddedSince(scene, before: set) -> list:
-    return [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())
-            if scene.GetNthNode(i).GetID() not in before]
-
-
-def segmentationToLabelImage(segmentationNode, referenceVolumeNode, scene,
-                             ignoreTransformNode=None):
-    """Segmentation node -> (uint16 label image on the reference volume's grid (LPS world), list of
-    :class:`SegmentInfo`). Segment i (in the segmentation's order) gets label value i + 1; where
-    segments overlap the later one wins. The temporary nodes this needs are removed again."""
-    segmentation = segmentationNode.GetSegmentation()
-    count = segmentation.GetNumberOfSegments()
-    if count == 0:
-        raise InputError(f"segmentation '{segmentationNode.GetName()}' has no segments")
-    if count > 65535:
-        raise InputError("too many segments to propagate (at most 65535)")
-    segmentIds = vtk.vtkStringArray()
-    infos = []
-    for i in range(count):
-        segmentId = segmentation.GetNthSegmentID(i)
-        segment = segmentation.GetSegment(segmentId)
-        segmentIds.InsertNextValue(segmentId)
-        infos.append(SegmentInfo(i + 1, segmentId, segment.GetName(), tuple(segment.GetColor())))
-    before = _nodeIDs(scene)
-    try:
-        labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__EOIR_temp__")
-        ok = _segmentationLogicClass().ExportSegmentsToLabelmapNode(
-            segmentationNode, segmentIds, labelmapNode, referenceVolumeNode)
-        if not ok:
-            raise InputError(f"could not export segmentation '{segmentationNode.GetName()}' to a "
-                             "label map on the moving volume's grid")
-        # The exported label map is in the segmentation's own frame: give it the same parents.
-        if segmentationNode.GetTransformNodeID():
-            labelmapNode.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
-        image = volumeNodeToImage(labelmapNode, ignoreTransformNode=ignoreTransformNode)
-    finally:
-        removeNodes(scene, _nodesAddedSince(scene, before))
-    return sitk.Cast(image, sitk.sitkUInt16), infos
-
-
-def labelImageToSegmentationNode(labelImage: sitk.Image, scene, name: str,
-                                 segments: Sequence[SegmentInfo], referenceVolumeNode=None):
-    """Label image (LPS, world) -> new segmentation node whose segments keep the source ids, names
-    and colours; the segment with label value v gets the voxels equal to v (it may end up empty)."""
-    segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    try:
-        segmentationNode.CreateDefaultDisplayNodes()
-        if referenceVolumeNode is not None:
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
-        segmentation = segmentationNode.GetSegmentation()
-        array = sitk.GetArrayFromImage(labelImage)
-        remapped = np.zeros(array.shape, dtype=np.uint16)
-        segmentIds = vtk.vtkStringArray()
-        for order, info in enumerate(segments, start=1):
-            segmentation.AddEmptySegment(info.segmentId, info.name, list(info.color))
-            remapped[array == info.labelValue] = order
-            segmentIds.InsertNextValue(info.segmentId)
-        if remapped.any():
-            remappedImage = sitk.GetImageFromArray(remapped)
-            remappedImage.CopyInformation(labelImage)
-            before = _nodeIDs(scene)
-            try:
-                labelmapNode = imageToVolumeNode(remappedImage, scene, "__EOIR_temp__",
-                                                 className="vtkMRMLLabelMapVolumeNode")
-                ok = _segmentationLogicClass().ImportLabelmapToSegmentationNode(
-                    labelmapNode, segmentationNode, segmentIds)
-            finally:
-                removeNodes(scene, _nodesAddedSince(scene, before))
-            if not ok:
-                raise RuntimeError("could not import the propagated labels into a segmentation")
-    except Exception:
-        removeNodes(scene, [segmentationNode])
-        raise
-    return segmentationNode
 
 
 def removeNodes(scene, nodes: Iterable) -> None:

@@ -16,24 +16,28 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import losses, spatial
+from EOIRRegistrationLib.core import losses, spatial
+from EOIRRegistrationLib.engine.options import (
+    DEFAULT_REFINE_ITERATIONS,
+    DEFAULT_REFINE_ITERATIONS_ALONE,
+    REFINE_SIMILARITIES,
+    RegistrationOptions,
+)
 
-
-SIMILARITIES = ("lncc", "mind")
 # Diffusion weight per similarity. LNCC: 0.5 measured best on real brain pairs (T1 vs T1-like,
 # 2 mm working grid: Dice +0.01 over 2.0, 0 % folding; 0.25 starts folding). MIND: its term is
 # several times smaller than LNCC's for the same misalignment, so is its weight.
 DEFAULT_REGULARIZATION = {"lncc": 0.5, "mind": 0.2}
-# On by default: on the real brain pairs of benchmarks/bench_brain.py, 10 steps at lr 0.4 after
-# the network reached the Dice of 30-50 steps at 0.2-0.4 (+0.06 over the network alone) in
-# 1.6 s on 2 CPU threads; more steps changed nothing there.
-DEFAULT_ITERATIONS = 10
-# Without the network (two contrasts) the refinement starts from the initial alignment and has
-# the whole deformation to find: T1 against T2-like brains, MIND-SSC at every voxel, Dice 0.62 /
-# 0.67 / 0.678 / 0.683 / 0.683 after 10 / 20 / 30 / 50 / 100 steps (30: about 9 s on 2 CPU
-# threads); at a tenth of the voxels per step (SAMPLE_FRACTION) 0.672 / 0.679 / 0.683 after
-# 30 / 40 / 60 steps, 40 taking about 5 s.
-DEFAULT_ITERATIONS_ALONE = 40
+# Why options.DEFAULT_REFINE_ITERATIONS (refinement on by default): on the real brain pairs of
+# benchmarks/bench_brain.py, 10 steps at lr 0.4 after the network reached the Dice of 30-50
+# steps at 0.2-0.4 (+0.06 over the network alone) in 1.6 s on 2 CPU threads; more steps changed
+# nothing there.
+# Why options.DEFAULT_REFINE_ITERATIONS_ALONE: without the network (two contrasts) the
+# refinement starts from the initial alignment and has the whole deformation to find: T1
+# against T2-like brains, MIND-SSC at every voxel, Dice 0.62 / 0.67 / 0.678 / 0.683 / 0.683
+# after 10 / 20 / 30 / 50 / 100 steps (30: about 9 s on 2 CPU threads); at a tenth of the
+# voxels per step (SAMPLE_FRACTION) 0.672 / 0.679 / 0.683 after 30 / 40 / 60 steps, 40 taking
+# about 5 s.
 # MIND-SSC: most of a dense step is warping 12 descriptor channels over the whole grid (and
 # back); evaluating the similarity at a random tenth of the voxels, drawn afresh each step
 # (stochastic gradients, as elastix's random sampler), cut 30 steps on a brain from 8.8 s to
@@ -63,8 +67,8 @@ class Adam:
 
 @dataclass(frozen=True)
 class RefineConfig:
-    # None: chosen by the pipeline (``resolved``): DEFAULT_ITERATIONS after the network,
-    # DEFAULT_ITERATIONS_ALONE without it; LNCC for one contrast, MIND-SSC for two.
+    # None: chosen by the pipeline (``resolved``): DEFAULT_REFINE_ITERATIONS after the network,
+    # DEFAULT_REFINE_ITERATIONS_ALONE without it; LNCC for one contrast, MIND-SSC for two.
     iterations: int | None = None
     learning_rate: float = 0.4      # voxels of the optimisation grid per step (Adam)
     similarity: str | None = None   # "lncc" (one contrast) or "mind" (MIND-SSC, any two)
@@ -85,22 +89,21 @@ class RefineConfig:
         return replace(
             self,
             iterations=(self.iterations if self.iterations is not None
-                        else DEFAULT_ITERATIONS if after_network else DEFAULT_ITERATIONS_ALONE),
+                        else DEFAULT_REFINE_ITERATIONS if after_network
+                        else DEFAULT_REFINE_ITERATIONS_ALONE),
             similarity=similarity,
             sample_fraction=(self.sample_fraction if self.sample_fraction is not None
                              else SAMPLE_FRACTION if similarity == "mind" else 1.0))
 
 
-def config_from_options(iterations: int | None = None, seconds: float | None = None,
-                        similarity: str | None = None) -> RefineConfig | None:
-    """The engine's ``refine`` argument from a front end's options (CLI, Slicer panel, Slicer
-    worker job): None when ``iterations`` is 0 (off); a time budget only when ``seconds`` > 0;
-    None or empty fields are left to the engine, which fills them by contrast."""
-    if iterations is not None and int(iterations) == 0:
+def config_from_options(options: RegistrationOptions) -> RefineConfig | None:
+    """The refinement a run's options ask for: None when ``refine_iterations`` is 0 (off);
+    fields the options leave None are filled by the pipeline (``RefineConfig.resolved``)."""
+    if options.refine_iterations == 0:
         return None
-    return RefineConfig(iterations=None if iterations is None else int(iterations),
-                        time_budget_s=float(seconds) if seconds and seconds > 0 else None,
-                        similarity=similarity or None)
+    return RefineConfig(iterations=options.refine_iterations,
+                        time_budget_s=options.refine_seconds,
+                        similarity=options.refine_similarity)
 
 
 def _residual_at(v: torch.Tensor, points: torch.Tensor, shape, steps: int) -> torch.Tensor:
@@ -119,9 +122,9 @@ def refine_displacement(fixed: torch.Tensor, moving: torch.Tensor,
                         progress=None, cancel=None) -> torch.Tensor:
     """Refined voxel displacement ``(1, 3, *S)`` on the working grid of ``fixed``/``moving``."""
     cfg = (cfg or RefineConfig()).resolved()
-    if cfg.similarity not in SIMILARITIES:
+    if cfg.similarity not in REFINE_SIMILARITIES:
         raise ValueError(f"unknown refinement similarity {cfg.similarity!r}; choose one of "
-                         f"{', '.join(SIMILARITIES)}")
+                         f"{', '.join(REFINE_SIMILARITIES)}")
     reg_weight = (DEFAULT_REGULARIZATION[cfg.similarity] if cfg.regularization_weight is None
                   else cfg.regularization_weight)
     shape = fixed.shape[2:]

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-CONTRASTS = ("auto", "same", "different")
+from EOIRRegistrationLib.engine.options import CONTRASTS
+
 SIGNAL_FLOOR = 0.05  # normalised intensity [0, 1] above which a voxel counts as signal
 # The errors cost unequally: two contrasts taken for one cost 0.2-0.4 Dice (the network
 # misleads), one taken for two about 0.04 (0.745 -> 0.705 on the T1-like pairs) and 2 s. So the

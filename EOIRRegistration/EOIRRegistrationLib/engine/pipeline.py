@@ -21,55 +21,31 @@ Geometry at each step (see ``geometry.py`` for the conventions):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import alignment, contrast as contrast_test, geometry, metrics, spatial
-from .devices import is_out_of_memory, resolve_device
-from .errors import DeviceError, InputError, RegistrationCancelled
-from .intensity import normalize, window_of
-from .modelfile import LoadedModel, resolve_model
-from .refine import DEFAULT_ITERATIONS_ALONE, RefineConfig, refine_displacement
+from EOIRRegistrationLib.core import geometry, metrics, qa, spatial
+from EOIRRegistrationLib.core.errors import DeviceError, InputError, RegistrationCancelled
+from EOIRRegistrationLib.core.intensity import normalize, window_of
+from EOIRRegistrationLib.engine import alignment
+from EOIRRegistrationLib.engine import contrast as contrast_test
+from EOIRRegistrationLib.engine.devices import is_out_of_memory, resolve_device
+from EOIRRegistrationLib.engine.modelfile import LoadedModel, resolve_model
+from EOIRRegistrationLib.engine.options import (
+    DEFAULT_REFINE_ITERATIONS_ALONE,
+    RegistrationOptions,
+    options_of,
+)
+from EOIRRegistrationLib.engine.refine import config_from_options, refine_displacement
+from EOIRRegistrationLib.engine.result import RegistrationResult
 
 ProgressCallback = Callable[[str, float], None]
 STAGES = ("loading model", "preparing images", "registering", "refining", "resampling",
           "quality figures")
-
-
-@dataclass
-class RegistrationResult:
-    displacement: sitk.Image        # vector float64, fixed grid, LPS mm, fixed -> moving point
-    warped: sitk.Image              # float32, fixed grid
-    jacobian: sitk.Image            # float32 determinant, fixed grid
-    folding: sitk.Image             # uint8, 1 where det <= 0
-    warped_labels: sitk.Image | None
-    qa: dict                        # folding_percent, sdlogj, jacobian_min, jacobian_max
-    timings: dict = field(default_factory=dict)  # stage -> seconds
-    model_name: str = ""
-    device: str = ""
-    working_grid: geometry.Grid | None = None
-    initial_matrix: np.ndarray | None = None  # 4x4 LPS, fixed point -> moving point (included)
-    initial_alignment: str = "none"  # method that produced it ("auto" resolved; "given")
-    network: bool = True            # False: the refinement alone (register(network=False))
-    contrast: str = "same"          # "same" or "different" ("auto" resolved)
-    contrast_correlation: float = float("nan")  # the figure "auto" decides on (contrast.py)
-    refine: RefineConfig | None = None  # the refinement that ran (defaults resolved)
-
-    @property
-    def method(self) -> str:
-        """One line: which contrast path ran and why, e.g. "different contrasts (intensity
-        correlation -0.24): MIND-SSC refinement alone, 40 steps"."""
-        r = self.contrast_correlation
-        why = "" if np.isnan(r) else f" (intensity correlation {r:.2f})"
-        steps = ("no refinement" if self.refine is None else
-                 f"{'MIND-SSC' if self.refine.similarity == 'mind' else 'LNCC'} refinement"
-                 f"{'' if self.network else ' alone'}, {self.refine.iterations} steps")
-        head = "same contrast" if self.contrast == "same" else "different contrasts"
-        return f"{head}{why}: {'network + ' if self.network else ''}{steps}"
 
 
 def check_image(image, role: str, labels: bool = False) -> sitk.Image:
@@ -167,6 +143,13 @@ def run_network(loaded: LoadedModel, fixed: torch.Tensor, moving: torch.Tensor,
     return u.float().cpu()
 
 
+def _refine_on(fixed_w, moving_w, u, refine, on_step, cancel, device) -> torch.Tensor:
+    """The refinement on ``device`` (the network's); the result comes back to the CPU."""
+    with torch.enable_grad():
+        return refine_displacement(fixed_w.to(device), moving_w.to(device), u.to(device), refine,
+                                   progress=on_step, cancel=cancel).cpu()
+
+
 def _with_cpu_fallback(run, device, requested: str, stages, stage: str, shape):
     """``run(device)`` and the device it ran on; when a GPU runs out of memory and ``requested``
     is "auto", ``run`` again on the CPU; other out-of-memory cases are clear DeviceErrors."""
@@ -191,64 +174,51 @@ def _with_cpu_fallback(run, device, requested: str, stages, stage: str, shape):
         return run(cpu), cpu
 
 
-def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str = "auto",
-             moving_labels: sitk.Image | None = None, working_spacing=None,
-             intensity_window=None,
-             refine: RefineConfig | int | None = RefineConfig(),
-             initial_alignment: str = "auto", initial_transform=None,
-             contrast: str = "auto", network: bool | None = None,
-             progress: ProgressCallback | None = None, cancel=None) -> RegistrationResult:
+def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions | None = None,
+             *, moving_labels: sitk.Image | None = None, loaded_model: LoadedModel | None = None,
+             progress: ProgressCallback | None = None, cancel=None,
+             **option_changes) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see the module docstring for the geometry.
 
-    model: bundled model name, model file path, or a ``LoadedModel``. device: auto/cpu/cuda.
-    working_spacing: mm (x, y, z) overriding the card's. intensity_window: ((fixed_low,
-    fixed_high), (moving_low, moving_high)) in image units overriding the card's normalisation.
-    initial_alignment: "auto" (affine unless the inputs are already aligned), "none", "com"
-    (centres of mass), "rigid" or "affine" (mutual information on a coarse grid); initial_transform: a linear SimpleITK
-    transform or 4x4 LPS matrix mapping fixed points to moving points (overrides the method).
-    The returned displacement contains this linear part: x -> A (x + d_net(x)).
-    contrast: "same" (one contrast: the network, then LNCC refinement), "different" (two
-    contrasts, e.g. T1 and T2: the MIND-SSC refinement alone, as the bundled models are
-    single-contrast) or "auto" (default: decided from the images after the initial alignment,
-    see ``contrast.py``); the result says which and on what figure.
-    refine: a RefineConfig or a number of iterations of per-pair optimisation (instance
-    optimisation; None or 0 = off). Its fields left None follow the contrast: 10 iterations
-    after the network, 40 without (``refine.DEFAULT_ITERATIONS[_ALONE]``); LNCC for one
-    contrast, MIND-SSC for two.
-    network: None follows the contrast (on for "same", whenever the refinement is off, and for
-    a contrast-agnostic model: an EOIR on MIND-SSC inputs, ``input_features="mind"``); False
-    forces the refinement alone (needs refine > 0), True the network.
-    progress(stage, fraction) is called at each stage; cancel (threading.Event or callable) is
-    polled between stages and raises RegistrationCancelled.
+    options: every choice of the run (``engine/options.py``); keyword ``option_changes`` (e.g.
+    ``contrast="same"``) are applied on top of it. moving_labels: a label map of the moving
+    image, warped by nearest neighbour. loaded_model: an already loaded model, used instead of
+    loading ``options.model`` (a cohort loads it once). progress(stage, fraction) is called at
+    each stage; cancel (threading.Event or callable) is polled between stages and raises
+    RegistrationCancelled.
     """
-    stages = _Stages(progress, cancel)
-    if isinstance(refine, int):
-        refine = RefineConfig(iterations=refine) if refine > 0 else None
-    if refine is not None and refine.iterations is not None and refine.iterations <= 0:
-        refine = None
-    if contrast not in contrast_test.CONTRASTS:
-        raise InputError(f"unknown contrast {contrast!r}; choose one of "
-                         f"{', '.join(contrast_test.CONTRASTS)}")
-    alone = ("without the network the refinement is the whole registration: give it "
-             f"iterations (e.g. {DEFAULT_ITERATIONS_ALONE})")
-    if refine is None and network is False:
-        raise InputError(alone)
+    options = options_of(options, **option_changes)
     check_image(fixed, "fixed image")
     check_image(moving, "moving image")
     if moving_labels is not None:
         check_image(moving_labels, "moving label map", labels=True)
+    threads = torch.get_num_threads()
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    try:
+        return _register(fixed, moving, options, moving_labels, loaded_model,
+                         _Stages(progress, cancel))
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded, stages):
+    progress, cancel = stages.progress, stages.cancel
+    refine = config_from_options(options)
+    network = options.network
     stages.start("loading model")
-    dev = resolve_device(device)
-    loaded = resolve_model(model)
+    dev = resolve_device(options.device)
+    loaded = loaded or resolve_model(options.model)
     agnostic = loaded.model.contrast_agnostic
-    if refine is None and network is None and contrast == "different" and not agnostic:
-        raise InputError(alone + "; or use a contrast-agnostic model")
-    spacing = tuple(working_spacing) if working_spacing is not None else loaded.working_spacing
+    if refine is None and network is None and options.contrast == "different" and not agnostic:
+        raise InputError("without the network the refinement is the whole registration: give it "
+                         f"iterations (e.g. {DEFAULT_REFINE_ITERATIONS_ALONE}); or use a "
+                         "contrast-agnostic model")
+    spacing = options.working_spacing or loaded.working_spacing
 
     stages.start("preparing images")
-    a, alignment_used = alignment.initial_alignment(fixed, moving, initial_alignment,
-                                                    initial_transform)
+    a, alignment_used = alignment.initial_alignment(fixed, moving, options.initial_alignment,
+                                                    options.initial_transform)
     affine = None if np.allclose(a, np.eye(4)) else a
     fixed_grid = geometry.Grid.from_image(fixed)
     wgrid = geometry.working_grid(fixed_grid, spacing, multiple=loaded.model.size_multiple)
@@ -257,7 +227,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
     tensors = []
     for k, (image, values, role) in enumerate(((fixed, fixed_t, "fixed"),
                                                (moving, moving_t, "moving"))):
-        window = (tuple(intensity_window[k]) if intensity_window is not None
+        window = (options.intensity_window[k] if options.intensity_window is not None
                   else window_of(values, loaded.normalization))
         if not window[1] > window[0]:
             raise InputError(f"the {role} image's intensity window {window} is empty (high must "
@@ -266,30 +236,27 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
                                              affine if role == "moving" else None), window))
     fixed_w, moving_w = tensors
     del fixed_t
-    contrast, correlation = contrast_test.decide(contrast, fixed_w, moving_w)
+    contrast, correlation = contrast_test.decide(options.contrast, fixed_w, moving_w)
     if network is None:
         network = contrast == "same" or refine is None or agnostic
     if refine is not None:
         refine = refine.resolved(after_network=network, same_contrast=contrast == "same")
 
     shape = fixed_w.shape[2:]
+    requested = options.device
     if network:
         stages.start("registering")
-        u, dev = _with_cpu_fallback(lambda d: run_network(loaded, fixed_w, moving_w, d), dev,
-                                    str(device), stages, "registering", shape)
+        u, dev = _with_cpu_fallback(partial(run_network, loaded, fixed_w, moving_w), dev,
+                                    requested, stages, "registering", shape)
     else:
         u = fixed_w.new_zeros(1, 3, *shape)
     if refine is not None:
         stages.start("refining")
         span = (STAGES.index("refining") / len(STAGES), 1 / len(STAGES))
         on_step = (lambda f: progress("refining", span[0] + f * span[1])) if progress else None
-
-        def run_refinement(d):  # on the network's device; the result comes back to the CPU
-            with torch.enable_grad():
-                return refine_displacement(fixed_w.to(d), moving_w.to(d), u.to(d), refine,
-                                           progress=on_step, cancel=cancel).cpu()
-
-        u, dev = _with_cpu_fallback(run_refinement, dev, str(device), stages, "refining", shape)
+        u, dev = _with_cpu_fallback(
+            partial(_refine_on, fixed_w, moving_w, u, refine, on_step, cancel), dev, requested,
+            stages, "refining", shape)
         if _cancelled(cancel):
             raise RegistrationCancelled("registration cancelled while refining")
     del fixed_w, moving_w
@@ -321,15 +288,19 @@ def register(fixed: sitk.Image, moving: sitk.Image, model="default", device: str
 
     stages.start("quality figures")
     det = metrics.jacobian_determinant(disp, fixed_grid)
-    qa = metrics.jacobian_summary(det)
     result = RegistrationResult(
         displacement=geometry.displacement_to_image(disp, fixed_grid),
         warped=geometry.tensor_to_image(warped, fixed_grid),
         jacobian=geometry.tensor_to_image(det, fixed_grid),
         folding=geometry.tensor_to_image((det <= 0).to(torch.uint8), fixed_grid, sitk.sitkUInt8),
-        warped_labels=warped_labels, qa=qa, model_name=loaded.name, device=str(dev),
-        working_grid=wgrid, initial_matrix=a, initial_alignment=alignment_used, network=network,
-        contrast=contrast, contrast_correlation=correlation, refine=refine)
+        warped_labels=warped_labels, qa=qa.jacobian_summary(det.numpy()), options=options,
+        model_name=loaded.name, device=str(dev), working_size=tuple(wgrid.size),
+        working_spacing=tuple(wgrid.spacing), initial_matrix=a,
+        initial_alignment=alignment_used, network=network, contrast=contrast,
+        contrast_correlation=correlation,
+        refinement=None if refine is None else {
+            "iterations": refine.iterations, "similarity": refine.similarity,
+            "sample_fraction": refine.sample_fraction})
     stages.done()
     result.timings = dict(stages.timings)
     return result

@@ -14,14 +14,14 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import spatial
+from EOIRRegistrationLib.core import spatial
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Grid:
     direction: tuple[float, ...]  # 9 values, row-major, columns = index axes in LPS
 
     @staticmethod
-    def from_image(image: sitk.Image) -> "Grid":
+    def from_image(image: sitk.Image) -> Grid:
         if image.GetDimension() != 3:
             raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
         return Grid(tuple(int(s) for s in image.GetSize()), tuple(image.GetSpacing()),

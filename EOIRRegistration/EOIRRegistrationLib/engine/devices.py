@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DeviceError
+from EOIRRegistrationLib.core.errors import DeviceError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 

@@ -1,0 +1,6 @@
+"""The command line, one module per command: ``register`` (eoir-register), ``train``
+(eoir-train), ``models`` (eoir-models), ``demo``, and ``main`` (``python -m
+EOIRRegistrationLib``); ``outputs``, ``files`` and ``overview`` write what a command produces.
+
+May import: ``core``, ``engine``, ``models`` and ``training``.
+"""

@@ -1,0 +1,125 @@
+"""What ``eoir-register`` (and the demo) write for one pair: the registration's images,
+``affine.tfm``, ``report.json`` and ``overview.png``, all-or-nothing (``files.write_outputs``)."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from EOIRRegistrationLib.cli.files import check_output_dir, read_image, write_outputs
+from EOIRRegistrationLib.engine.options import RegistrationOptions
+
+OUTPUT_FILES = ("displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
+                "warped_labels.nii.gz", "affine.tfm", "report.json", "overview.png")
+
+
+def register_files(fixed_path: str, moving_path: str, output_dir: str,
+                   options: RegistrationOptions, moving_labels: str | None = None,
+                   fixed_labels: str | None = None, png: bool = True, overwrite: bool = False,
+                   progress=None, extra_report: dict | None = None) -> dict:
+    """Read, register, write; returns the report (also written to ``report.json``)."""
+    import SimpleITK as sitk
+
+    from EOIRRegistrationLib import __version__
+    from EOIRRegistrationLib.core import qa
+    from EOIRRegistrationLib.engine.modelfile import resolve_model
+    from EOIRRegistrationLib.engine.pipeline import register
+    t0 = time.perf_counter()
+    check_output_dir(output_dir, overwrite, OUTPUT_FILES)
+    fixed = read_image(fixed_path, "fixed image")
+    moving = read_image(moving_path, "moving image")
+    moving_lab = read_image(moving_labels, "moving label map") if moving_labels else None
+    fixed_lab = read_image(fixed_labels, "fixed label map") if fixed_labels else None
+    loaded = resolve_model(options.model)
+    t_read = time.perf_counter() - t0
+    result = register(fixed, moving, options, moving_labels=moving_lab, loaded_model=loaded,
+                      progress=progress)
+    described = result.describe()
+    report = {
+        "eoir_registration_version": __version__,
+        "model": {"name": loaded.name, "path": loaded.path,
+                  "description": loaded.card.get("description", "")},
+        "device": result.device,
+        "options": described["options"],
+        "inputs": {"fixed": str(fixed_path), "moving": str(moving_path),
+                   "fixed_size": list(fixed.GetSize()), "fixed_spacing": list(fixed.GetSpacing()),
+                   "moving_size": list(moving.GetSize()),
+                   "moving_spacing": list(moving.GetSpacing())},
+        "working_grid": {"size": described["working_size"],
+                         "spacing_mm": described["working_spacing"]},
+        "displacement_convention": "LPS mm on the fixed grid; fixed point x maps to moving "
+                                   "point x + d(x) (ITK resampling direction)",
+        "contrast": {"requested": options.contrast, "used": result.contrast,
+                     "correlation": (None if described["contrast_correlation"] is None
+                                     else round(described["contrast_correlation"], 4))},
+        "method": result.method,
+        "network": result.network,
+        "refinement": result.refinement,
+        "initial_alignment": result.initial_alignment,
+        "initial_matrix_lps": described["initial_matrix"],
+        "quality": result.qa,
+        "seconds": {"reading inputs": round(t_read, 3), **result.timings},
+    }
+    if fixed_lab is not None and result.warped_labels is not None:
+        on_fixed = lambda image: sitk.GetArrayFromImage(sitk.Resample(  # noqa: E731
+            image, fixed, sitk.Transform(), sitk.sitkNearestNeighbor)).astype(np.int64)
+        fl = on_fixed(fixed_lab)
+        values = [int(v) for v in np.unique(fl) if v != 0]
+        report["dice"] = {
+            "labels": len(values),
+            "mean_before": qa.mean_dice(fl, on_fixed(moving_lab), values),
+            "mean_after": qa.mean_dice(
+                fl, sitk.GetArrayFromImage(result.warped_labels).astype(np.int64), values)}
+    report.update(extra_report or {})
+    files = {
+        # float32 vectors: half the size and write time of float64, ~1e-6 mm rounding. Not
+        # gzipped: float vectors shrink by ~13 % only, and gzip took 1.3 s of a 7 s brain run.
+        "displacement.nii": lambda p: sitk.WriteImage(
+            sitk.Cast(result.displacement, sitk.sitkVectorFloat32), p),
+        "warped.nii.gz": lambda p: sitk.WriteImage(result.warped, p),
+        "jacobian.nii.gz": lambda p: sitk.WriteImage(result.jacobian, p),
+        "folding.nii.gz": lambda p: sitk.WriteImage(result.folding, p),
+    }
+    if not np.allclose(result.initial_matrix, np.eye(4)):
+        def write_affine(p):
+            tx = sitk.AffineTransform(3)
+            tx.SetMatrix(result.initial_matrix[:3, :3].ravel().tolist())
+            tx.SetTranslation(result.initial_matrix[:3, 3].tolist())
+            sitk.WriteTransform(tx, p)
+        files["affine.tfm"] = write_affine
+    if result.warped_labels is not None:
+        files["warped_labels.nii.gz"] = lambda p: sitk.WriteImage(result.warped_labels, p)
+    if png:
+        from EOIRRegistrationLib.cli.overview import write_overview
+        title = f"{loaded.name}: folding {result.qa['folding_percent']:.3f}%, " \
+                f"SDlogJ {result.qa['sdlogj']:.3f}"
+        files["overview.png"] = lambda p: write_overview(p, fixed, moving, result.warped,
+                                                         result.jacobian, result.displacement,
+                                                         title)
+    t_write = time.perf_counter()
+    report["seconds"]["writing outputs"] = None
+
+    def write_report(p):  # last, so it can include the writing time of the others
+        report["seconds"]["writing outputs"] = round(time.perf_counter() - t_write, 3)
+        report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+        with open(p, "w") as f:
+            json.dump(report, f, indent=2)
+    files["report.json"] = write_report
+    write_outputs(output_dir, files, replaces=OUTPUT_FILES)
+    return report
+
+
+def summary(report: dict) -> str:
+    q = report["quality"]
+    lines = [f"model {report['model']['name']} on {report['device']}: "
+             f"{report['seconds']['total']:.1f} s total",
+             f"folding {q['folding_percent']:.4f}% of voxels, SDlogJ {q['sdlogj']:.3f}, "
+             f"det in [{q['jacobian_min']:.3f}, {q['jacobian_max']:.3f}]"]
+    how = "auto" if report["contrast"]["requested"] == "auto" else "as requested"
+    lines.append(f"{report['method']} [{how}]")
+    if "dice" in report:
+        d = report["dice"]
+        lines.append(f"mean Dice over {d['labels']} labels: {d['mean_before']:.3f} -> "
+                     f"{d['mean_after']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""``eoir-register``: register two image files and write the outputs (``outputs.py``).
+
+The flags map one to one onto ``RegistrationOptions`` (``options_from_args``); the command's own
+choices (output folder, label maps, PNG, overwrite, quiet) stay here."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from EOIRRegistrationLib.core.errors import EOIRError, InputError
+from EOIRRegistrationLib.engine.allocator import keep_freed_memory
+from EOIRRegistrationLib.engine.options import (
+    CONTRASTS,
+    DEFAULT_REFINE_ITERATIONS,
+    DEFAULT_REFINE_ITERATIONS_ALONE,
+    DEVICES,
+    INITIAL_ALIGNMENTS,
+    REFINE_SIMILARITIES,
+    RegistrationOptions,
+)
+
+DEFAULTS = RegistrationOptions()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eoir-register", description=(
+        "Deformably register MOVING to FIXED. Writes displacement.nii (ITK displacement field: "
+        "LPS mm on the fixed grid, fixed point -> moving point; a transform for SimpleITK, ANTs "
+        "and Slicer), warped.nii.gz, jacobian.nii.gz, folding.nii.gz, report.json and "
+        "overview.png to --output-dir."))
+    p.add_argument("fixed", help="fixed (reference) 3D image: any format ITK reads")
+    p.add_argument("moving", help="moving 3D image, resampled onto the fixed grid")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--moving-labels", help="label map of the moving image to warp (nearest)")
+    p.add_argument("--fixed-labels", help="label map of the fixed image: reports Dice")
+    p.add_argument("--model", default=DEFAULTS.model,
+                   help="bundled model name (see eoir-models) or a model file path")
+    p.add_argument("--device", default=DEFAULTS.device, choices=DEVICES)
+    p.add_argument("--threads", type=int, default=DEFAULTS.threads,
+                   help="CPU threads (default: torch's choice)")
+    p.add_argument("--working-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   default=DEFAULTS.working_spacing,
+                   help="override the model card's working spacing (mm)")
+    p.add_argument("--intensity-window", type=float, nargs=4, default=DEFAULTS.intensity_window,
+                   metavar=("FIXED_LOW", "FIXED_HIGH", "MOVING_LOW", "MOVING_HIGH"),
+                   help="intensity windows in image units (e.g. CT in HU) instead of the model "
+                        "card's normalisation")
+    p.add_argument("--init", choices=INITIAL_ALIGNMENTS, default=DEFAULTS.initial_alignment,
+                   help="initial linear alignment before the network: auto (default: affine "
+                        "unless the inputs are already aligned), none, com (centres of mass), "
+                        "rigid or affine (mutual information on a coarse grid); included in "
+                        "displacement.nii, also written to affine.tfm")
+    p.add_argument("--initial-transform", metavar="FILE",
+                   help="linear ITK transform file (.tfm/.txt/.mat/.h5) mapping fixed points to "
+                        "moving points, used as the starting point (overrides --init)")
+    p.add_argument("--contrast", choices=CONTRASTS, default=DEFAULTS.contrast,
+                   help="same: one contrast (the network, then LNCC refinement); different: two "
+                        "contrasts, e.g. T1 and T2 (the MIND-SSC refinement alone: the bundled "
+                        "models are single-contrast; a model on MIND-SSC inputs keeps its "
+                        "network); auto (default): decided from the images' correlation after "
+                        "the initial alignment (written to report.json)")
+    p.add_argument("--no-network", action="store_true",
+                   help="skip the network whatever the contrast: the refinement alone, from the "
+                        "initial alignment (needs refinement)")
+    p.add_argument("--refine", type=int, default=DEFAULTS.refine_iterations, metavar="N",
+                   help=f"per-pair optimisation iterations (default {DEFAULT_REFINE_ITERATIONS} "
+                        f"after the network, {DEFAULT_REFINE_ITERATIONS_ALONE} without it; "
+                        "0 = off)")
+    p.add_argument("--refine-seconds", type=float, default=DEFAULTS.refine_seconds,
+                   help="time budget for the refinement (stops early when exceeded)")
+    p.add_argument("--refine-similarity", choices=REFINE_SIMILARITIES,
+                   default=DEFAULTS.refine_similarity,
+                   help="similarity of the refinement (default: follows --contrast): lncc (one "
+                        "contrast) or mind (MIND-SSC descriptors, two contrasts, e.g. T1 and T2)")
+    p.add_argument("--no-png", action="store_true", help="skip overview.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this command's files in an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def read_initial_transform(path: str | None):
+    """The 4x4 LPS matrix (fixed point -> moving point) of a linear ITK transform file."""
+    if not path:
+        return None
+    import SimpleITK as sitk
+
+    from EOIRRegistrationLib.engine.alignment import matrix_from_transform
+    try:
+        transform = sitk.ReadTransform(path)
+    except RuntimeError as exc:
+        raise InputError(f"cannot read the initial transform {path}: not an ITK transform "
+                         "file") from exc
+    return matrix_from_transform(transform)
+
+
+def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
+    window = args.intensity_window
+    return RegistrationOptions(
+        model=args.model, device=args.device, threads=args.threads,
+        working_spacing=args.working_spacing,
+        intensity_window=None if window is None else (window[:2], window[2:]),
+        initial_alignment=args.init,
+        initial_transform=read_initial_transform(args.initial_transform),
+        contrast=args.contrast, network=False if args.no_network else None,
+        refine_iterations=args.refine, refine_seconds=args.refine_seconds,
+        refine_similarity=args.refine_similarity)
+
+
+def stderr_progress(quiet: bool):
+    start = time.perf_counter()
+
+    def report(stage: str, fraction: float):
+        if not quiet:
+            print(f"[{100 * fraction:5.1f}%] {time.perf_counter() - start:6.1f} s  {stage}",
+                  file=sys.stderr, flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    keep_freed_memory()
+    from EOIRRegistrationLib.cli.outputs import register_files, summary
+    try:
+        options = options_from_args(args)
+        report = register_files(args.fixed, args.moving, args.output_dir, options,
+                                moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
+                                png=not args.no_png, overwrite=args.overwrite,
+                                progress=stderr_progress(args.quiet))
+    except EOIRError as exc:
+        print(f"eoir-register: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    print(f"outputs in {args.output_dir}")
+    return 0

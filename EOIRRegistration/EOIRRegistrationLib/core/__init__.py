@@ -1,0 +1,7 @@
+"""Pure functions of registration, free of any front end: the spatial core (voxel grids, warping,
+composition, integration), geometry (physical grids, LPS conversions, ITK-exact resampling),
+intensity normalisation, losses, metrics and the QA figures, and the project's error classes.
+
+May import: nothing of this package outside ``core``. ``errors`` and ``qa`` import neither torch
+nor scipy; the other modules import torch.
+"""

@@ -1,0 +1,127 @@
+"""``RegistrationResult``: what one registration produced, the only result type of the engine.
+
+The command line writes it to files, the Slicer worker process saves it to a folder and the panel
+reads it back (:meth:`RegistrationResult.save` / :meth:`RegistrationResult.load`), and the Slicer
+outputs hold their nodes plus this object. Imports no torch (the Slicer process reads results
+without it).
+
+Every image lies on the fixed image's grid. ``displacement``: 3-component float64 vectors in LPS
+millimetres, resampling direction (the fixed-space point x maps to the moving-space point
+x + d(x)), the initial linear alignment included. ``initial_matrix``: 4x4 LPS, fixed point ->
+moving point.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from EOIRRegistrationLib.engine.options import RegistrationOptions
+
+#: the images of a result, in the order they are saved
+IMAGES = ("displacement", "warped", "jacobian", "folding", "warped_labels")
+_SUMMARY_FILE = "result.json"
+
+
+@dataclass
+class RegistrationResult:
+    displacement: sitk.Image        # vector float64, fixed grid, LPS mm, fixed -> moving point
+    warped: sitk.Image              # float32, fixed grid: the moving image through the field
+    jacobian: sitk.Image            # float32 det(I + dd/dx), fixed grid
+    folding: sitk.Image             # uint8, 1 where det <= 0
+    warped_labels: sitk.Image | None
+    #: ``core.qa.jacobian_summary`` of the Jacobian: folding_percent, sdlogj, jacobian_min/max
+    qa: dict
+    options: RegistrationOptions    # as requested
+    model_name: str = ""
+    device: str = ""                # where the network and refinement ran
+    working_size: tuple = ()        # the working grid (ITK order x, y, z)
+    working_spacing: tuple = ()     # mm
+    initial_matrix: np.ndarray = field(default_factory=lambda: np.eye(4))
+    initial_alignment: str = "none"  # the method that produced it ("auto" resolved; "given")
+    network: bool = True            # whether the network ran
+    contrast: str = "same"          # "same" or "different" ("auto" resolved)
+    contrast_correlation: float = math.nan  # the figure "auto" decides on (engine/contrast.py)
+    #: the refinement that ran (iterations, similarity, sample_fraction), None when off
+    refinement: dict | None = None
+    timings: dict = field(default_factory=dict)  # stage -> seconds
+
+    @property
+    def method(self) -> str:
+        """One line: which contrast path ran and why, e.g. "different contrasts (intensity
+        correlation -0.24): MIND-SSC refinement alone, 40 steps"."""
+        r = self.contrast_correlation
+        why = "" if r is None or math.isnan(r) else f" (intensity correlation {r:.2f})"
+        head = "same contrast" if self.contrast == "same" else "different contrasts"
+        if self.refinement is None:
+            return f"{head}{why}: network alone, no refinement"
+        steps = (f"{'MIND-SSC' if self.refinement['similarity'] == 'mind' else 'LNCC'} refinement"
+                 f"{'' if self.network else ' alone'}, {self.refinement['iterations']} steps")
+        return f"{head}{why}: {'network + ' if self.network else ''}{steps}"
+
+    def summary(self) -> str:
+        """The method and the QA figures in one line."""
+        qa = self.qa
+        return (f"{self.method}; folding {qa['folding_percent']:.3f} % of voxels, SDlogJ "
+                f"{qa['sdlogj']:.3f}, det(J) in [{qa['jacobian_min']:.3f}, "
+                f"{qa['jacobian_max']:.3f}]")
+
+    def describe(self) -> dict:
+        """Everything but the images, as plain JSON types."""
+        r = self.contrast_correlation
+        return {
+            "options": self.options.to_dict(),
+            "model_name": self.model_name,
+            "device": self.device,
+            "working_size": [int(v) for v in self.working_size],
+            "working_spacing": [float(v) for v in self.working_spacing],
+            "initial_matrix": np.asarray(self.initial_matrix, dtype=np.float64).tolist(),
+            "initial_alignment": self.initial_alignment,
+            "network": bool(self.network),
+            "contrast": self.contrast,
+            "contrast_correlation": None if r is None or math.isnan(r) else float(r),
+            "refinement": self.refinement,
+            "method": self.method,
+            "qa": {k: float(v) for k, v in self.qa.items()},
+            "timings": {k: float(v) for k, v in self.timings.items()},
+        }
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Images as uncompressed ``.mha`` plus ``result.json`` (the Slicer worker's hand-over);
+        the summary is written last, so its presence means the folder is complete."""
+        folder = Path(folder)
+        for name in IMAGES:
+            image = getattr(self, name)
+            if image is not None:
+                sitk.WriteImage(image, str(folder / f"{name}.mha"), useCompression=False)
+        tmp = folder / (_SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.describe()), encoding="utf-8")
+        os.replace(tmp, folder / _SUMMARY_FILE)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> RegistrationResult:
+        """The inverse of :meth:`save`."""
+        folder = Path(folder)
+        info = json.loads((folder / _SUMMARY_FILE).read_text(encoding="utf-8"))
+        images = {name: (sitk.ReadImage(str(folder / f"{name}.mha"))
+                         if (folder / f"{name}.mha").exists() else None) for name in IMAGES}
+        r = info.get("contrast_correlation")
+        return cls(**images, qa=dict(info["qa"]),
+                   options=RegistrationOptions.from_dict(info["options"]),
+                   model_name=info["model_name"], device=info["device"],
+                   working_size=tuple(info["working_size"]),
+                   working_spacing=tuple(info["working_spacing"]),
+                   initial_matrix=np.array(info["initial_matrix"], dtype=np.float64),
+                   initial_alignment=info["initial_alignment"], network=info["network"],
+                   contrast=info["contrast"],
+                   contrast_correlation=math.nan if r is None else float(r),
+                   refinement=info["refinement"], timings=dict(info["timings"]))
+
+    @classmethod
+    def saved_in(cls, folder: str | os.PathLike) -> bool:
+        return (Path(folder) / _SUMMARY_FILE).exists()
