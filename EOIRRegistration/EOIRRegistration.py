@@ -211,9 +211,9 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.modelComboBox
         self._updatingModelComboBox = True
         try:
-            model = model or "default"
+            model = model or DEFAULTS.model
             index = combo.findData(model)
-            if index < 0 and model == "default" and combo.count > 1:
+            if index < 0 and model == DEFAULTS.model and combo.count > 1:
                 index = 0  # the first bundled model is the engine's default
             if index < 0 and (os.path.sep in model or model.endswith(".pt")):
                 combo.insertItem(combo.count - 1, os.path.basename(model), model)
@@ -264,7 +264,7 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.setItemData(gpuIndex, None if gpu else 0, qt.Qt.UserRole - 1)
             combo.setItemData(gpuIndex, panel.gpuTooltip(gpu), qt.Qt.ToolTipRole)
         if not gpu and self._parameterNode is not None and self._parameterNode.device == "cuda":
-            self._parameterNode.device = "auto"
+            self._parameterNode.device = DEFAULTS.device
 
     def _decorateChoiceComboBoxes(self):
         """Readable labels and per-item tooltips (the parameter node connector fills each combo

@@ -7,6 +7,7 @@ import sys
 
 from EOIRRegistrationLib.core.errors import EOIRError
 from EOIRRegistrationLib.engine.allocator import keep_freed_memory
+from EOIRRegistrationLib.engine.options import DEVICES
 from EOIRRegistrationLib.models import ARCHITECTURES
 
 
@@ -63,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-pairs", type=int, default=4)
     p.add_argument("--log-every", type=int, default=10, help="iterations between log rows")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--name", default="eoir-model", help="model name in the card")
     p.add_argument("--description", default="", help="one-line description in the card")

@@ -193,7 +193,7 @@ def auto_matrix(fixed: sitk.Image, moving: sitk.Image, spacing: float | None = N
     return a, "affine"
 
 
-def initial_alignment(fixed: sitk.Image, moving: sitk.Image, method: str = "auto",
+def initial_alignment(fixed: sitk.Image, moving: sitk.Image, method: str,
                       transform=None) -> tuple[np.ndarray, str]:
     """The starting 4x4 LPS matrix (fixed point -> moving point) and the method that produced
     it: "given" for a user transform, and for "auto" the method it chose ("affine" or "none")."""

@@ -8,7 +8,7 @@ from EOIRRegistrationLib.core.errors import DeviceError
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+def resolve_device(spec: str | torch.device) -> torch.device:
     if isinstance(spec, torch.device):
         return spec
     spec = (spec or "auto").lower()
