@@ -32,6 +32,7 @@ from EOIRRegistrationLib.engine.options import (
     DEVICES,
     INITIAL_ALIGNMENTS,
     MAX_REFINE_ITERATIONS,
+    PRESETS,
     REFINE_SIMILARITIES,
     RegistrationOptions,
 )
@@ -90,6 +91,7 @@ class EOIRRegistrationParameterNode:
     movingWindowMax: float = 1000.0
     initialAlignment: Annotated[str, Choice(list(INITIAL_ALIGNMENTS))] = DEFAULTS.initial_alignment
     contrast: Annotated[str, Choice(list(CONTRASTS))] = DEFAULTS.contrast
+    preset: Annotated[str, Choice(list(PRESETS))] = DEFAULTS.preset
     refineIterations: Annotated[int, WithinRange(-1, MAX_REFINE_ITERATIONS)] = \
         ENGINE_DEFAULT_REFINE_ITERATIONS
     refineSeconds: Annotated[float, WithinRange(0.0, 3600.0)] = 0.0
@@ -272,7 +274,8 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for combo, labels, tips in (
                 (self.ui.initialAlignmentComboBox, texts.INITIAL_ALIGNMENT_LABELS, texts.INITIAL_ALIGNMENT_TIPS),
                 (self.ui.refineSimilarityComboBox, texts.REFINE_SIMILARITY_LABELS, texts.REFINE_SIMILARITY_TIPS),
-                (self.ui.contrastComboBox, texts.CONTRAST_LABELS, texts.CONTRAST_TIPS)):
+                (self.ui.contrastComboBox, texts.CONTRAST_LABELS, texts.CONTRAST_TIPS),
+                (self.ui.presetComboBox, texts.PRESET_LABELS, texts.PRESET_TIPS)):
             for index, value in enumerate(labels):
                 if index < combo.count:
                     combo.setItemText(index, labels[value])

@@ -27,6 +27,7 @@ CARDS = ROOT / "EOIRRegistration" / "EOIRRegistrationLib" / "bundled_models"
 COLUMNS = {
     "size": ("size (x,y,z)", "s", None),
     "dice": ("Dice", ".3f", "max"),
+    "mask_dice": ("brain-mask Dice", ".3f", "max"),
     "hd95": ("HD95 mm", ".2f", "min"),
     "error_mm": ("displacement error mm", ".2f", "min"),
     "identity_error_mm": ("identity error mm", ".2f", None),

@@ -12,8 +12,7 @@ from helpers import oblique_image, write_tiny_model
 
 from EOIRRegistrationLib.cli import register as register_cli
 from EOIRRegistrationLib.core.errors import InputError
-from EOIRRegistrationLib.engine import refine
-from EOIRRegistrationLib.engine.options import DEFAULT_REFINE_ITERATIONS
+from EOIRRegistrationLib.engine import optimise, refine
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
 
@@ -59,8 +58,10 @@ def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, c
         assert report["seconds"][stage] >= 0
     assert report["contrast"]["requested"] == "same" and report["contrast"]["used"] == "same"
     assert report["network"] is True
-    assert report["refinement"] == {"iterations": DEFAULT_REFINE_ITERATIONS,
-                                    "similarity": "lncc", "sample_fraction": 1.0}
+    default = optimise.PRESETS["default"]
+    assert report["refinement"] == {"similarity": "lncc", "preset": "default",
+                                    "scales_mm": list(default.scales_mm),
+                                    "iterations": list(default.iterations)}
     assert report["method"].startswith("same contrast") and "LNCC" in report["method"]
     png = (out / "overview.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

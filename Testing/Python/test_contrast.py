@@ -6,7 +6,7 @@ import torch
 from helpers import write_tiny_model
 
 from EOIRRegistrationLib.core.errors import InputError
-from EOIRRegistrationLib.engine import contrast, modelfile
+from EOIRRegistrationLib.engine import contrast, modelfile, optimise
 from EOIRRegistrationLib.engine.options import (
     DEFAULT_REFINE_ITERATIONS,
     DEFAULT_REFINE_ITERATIONS_ALONE,
@@ -60,7 +60,9 @@ def test_the_pipeline_follows_the_detected_contrast(phantom_pairs):
                     refine_iterations=2)
     assert same.contrast == "same" and same.network
     assert same.contrast_correlation > contrast.SAME_CONTRAST_MIN_CORRELATION
-    assert same.refinement["similarity"] == "lncc" and same.refinement["iterations"] == 2
+    assert same.refinement == {"similarity": "lncc", "preset": "default",
+                               "scales_mm": list(optimise.PRESETS["default"].scales_mm),
+                               "iterations": [*optimise.PRESETS["default"].iterations[:-1], 2]}
     assert "registering" in same.timings
     other = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none",
                      refine_iterations=2)
@@ -75,13 +77,18 @@ def test_default_steps_follow_the_path_and_explicit_choices_win(phantom_pairs, m
     from EOIRRegistrationLib.engine import pipeline
 
     pair, inverted, model = phantom_pairs
-    seen = []
+    seen, schedules = [], []
     monkeypatch.setattr(pipeline, "refine_displacement",
                         lambda f, m, u, cfg, **kw: seen.append(cfg) or u.clone())
-    register(pair.fixed, pair.moving, loaded_model=model, initial_alignment="none")
+    real_optimise = optimise.optimise
+    monkeypatch.setattr(optimise, "optimise", lambda *a, **kw: schedules.append(a[3])
+                        or real_optimise(*a, **kw))
+    same = register(pair.fixed, pair.moving, loaded_model=model, initial_alignment="none")
     register(pair.fixed, inverted, loaded_model=model, initial_alignment="none")
+    # one contrast: the default preset's multi-scale LNCC schedule; two: MIND-SSC steps alone
+    assert schedules == [optimise.PRESETS["default"]] and same.refinement["preset"] == "default"
     assert [(c.iterations, c.similarity) for c in seen] == [
-        (DEFAULT_REFINE_ITERATIONS, "lncc"), (DEFAULT_REFINE_ITERATIONS_ALONE, "mind")]
+        (DEFAULT_REFINE_ITERATIONS_ALONE, "mind")]
     # the network forced on for the inverted pair: its default steps, MIND-SSC by contrast
     r = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none", network=True)
     assert r.network and r.contrast == "different"

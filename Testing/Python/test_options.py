@@ -21,10 +21,9 @@ def test_the_defaults():
     assert dataclasses.asdict(options) == {
         "model": "default", "device": "auto", "threads": None, "working_spacing": None,
         "intensity_window": None, "initial_alignment": "auto", "initial_transform": None,
-        "contrast": "auto", "network": None, "refine_iterations": None, "refine_seconds": None,
-        "refine_similarity": None}
-    assert options.refine_enabled
-    assert not RegistrationOptions(refine_iterations=0).refine_enabled
+        "contrast": "auto", "network": None, "preset": "default", "refine_iterations": None,
+        "refine_seconds": None, "refine_similarity": None}
+    assert options_module.PRESETS == ("fast", "default", "accurate")
     assert options_module.DEFAULT_MODEL == "eoir-synth-ns8"
     assert (options_module.DEFAULT_REFINE_ITERATIONS,
             options_module.DEFAULT_REFINE_ITERATIONS_ALONE) == (10, 40)
@@ -70,6 +69,7 @@ NOT_HOMOGENEOUS[3] = (0.0, 0.0, 0.1, 1.0)
 
 @pytest.mark.parametrize("changes, message", [
     ({"device": "gpu"}, r"unknown device 'gpu'; choose one of auto, cpu, cuda"),
+    ({"preset": "slow"}, r"unknown preset 'slow'; choose one of fast, default, accurate"),
     ({"device": None}, r"unknown device None"),
     ({"initial_alignment": "bspline"}, r"unknown initial alignment 'bspline'; choose one of "
                                        r"auto, none, com, rigid, affine"),
@@ -154,7 +154,7 @@ def test_a_fully_non_default_options_object_round_trips_through_json():
         model="/models/my model.pt", device="cpu", threads=3, working_spacing=(1.5, 2.0, 2.5),
         intensity_window=((-100.0, 300.0), (0.0, 1200.0)), initial_alignment="rigid",
         initial_transform=_rotation_matrix(), contrast="different", network=True,
-        refine_iterations=25, refine_seconds=12.5, refine_similarity="mind")
+        preset="accurate", refine_iterations=25, refine_seconds=12.5, refine_similarity="mind")
     assert all(getattr(full, name) != getattr(default, name) for name in FIELDS)
     data = full.to_dict()
     assert set(data) == set(FIELDS)
@@ -192,13 +192,13 @@ def test_every_option_flag_maps_onto_its_option(tmp_path):
             "--threads", "3", "--working-spacing", "1.5", "2", "2.5",
             "--intensity-window", "-100", "300", "0", "1200", "--init", "rigid",
             "--initial-transform", str(tfm), "--contrast", "different", "--no-network",
-            "--refine", "25", "--refine-seconds", "12.5", "--refine-similarity", "mind",
+            "--preset", "fast", "--refine", "25", "--refine-seconds", "12.5", "--refine-similarity", "mind",
             "--no-png", "--overwrite", "--quiet"]
     options = register_cli.options_from_args(register_cli.parser().parse_args(argv))
     expected = RegistrationOptions(
         model="/models/my.pt", device="cpu", threads=3, working_spacing=(1.5, 2.0, 2.5),
         intensity_window=((-100.0, 300.0), (0.0, 1200.0)), initial_alignment="rigid",
-        initial_transform=expected_matrix, contrast="different", network=False,
+        initial_transform=expected_matrix, contrast="different", network=False, preset="fast",
         refine_iterations=25, refine_seconds=12.5, refine_similarity="mind")
     np.testing.assert_allclose(options.initial_transform, expected_matrix, rtol=0, atol=1e-12)
     assert options.replace(initial_transform=None) == expected.replace(initial_transform=None)

@@ -1,6 +1,5 @@
 """register(): physical correctness from image to image, refinement, progress/cancel, errors."""
 import threading
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from helpers import oblique_image, write_tiny_model
 
 from EOIRRegistrationLib.core import geometry
 from EOIRRegistrationLib.core.errors import DeviceError, InputError, RegistrationCancelled
-from EOIRRegistrationLib.engine import alignment, modelfile, refine
+from EOIRRegistrationLib.engine import alignment, modelfile
 from EOIRRegistrationLib.engine import pipeline as pipeline_module
 from EOIRRegistrationLib.engine.pipeline import register
 from EOIRRegistrationLib.training.phantom import make_phantom_pair
@@ -64,28 +63,33 @@ def test_identity_model_gives_identity_outputs(fixed_moving, tmp_path):
 def _phantom_fixed():
     pair = make_phantom_pair(seed=7, velocity=0.0, shape=(32, 40, 40), spacing=(2.0, 2.0, 2.5),
                              origin=(-40.0, -35.0, -30.0), rotation=(0.1, 0.05, -0.1))
-    return sitk.Cast(pair.fixed, sitk.sitkFloat32), pair.fixed_labels
+    # Smooth texture inside the blobs, as real tissue has: a greedy local optimiser (like ANTs
+    # or demons) cannot see motion inside uniform regions, which no image can show.
+    fixed = sitk.Cast(pair.fixed, sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(fixed)
+    noise = np.random.default_rng(3).standard_normal(arr.shape).astype(np.float32)
+    texture = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
+        sitk.GetImageFromArray(noise), 1.5))
+    textured = sitk.GetImageFromArray(arr + 0.6 * arr.std() * texture / texture.std()
+                                      * (arr > arr.mean()))
+    textured.CopyInformation(fixed)
+    return textured, pair.fixed_labels
 
 
-def _recover(fixed, transform, tmp_path, monkeypatch):
-    """Moving = fixed seen through ``transform`` on another grid; fit it by refinement alone."""
+def _recover(fixed, transform, tmp_path):
+    """Moving = fixed seen through ``transform`` on another grid; fit by the default optimisation
+    (after a network that moves nothing). Returns the field and its smooth part (Gaussian of
+    5 mm): the greedy optimiser leaves about half a voxel of high-frequency error where it fits
+    the texture, which the smooth part removes, so the two say different things."""
     moving = sitk.Resample(fixed, [s + 6 for s in fixed.GetSize()], transform, sitk.sitkLinear,
                            [o - 5 for o in fixed.GetOrigin()], (2.2, 1.8, 2.4),
                            fixed.GetDirection(), 0.0, sitk.sitkFloat32)
-    # Uniform blobs leave most voxels without texture: smooth more than the brain-tuned default
-    # (0.5) so the motion carries into them. The options carry no such tuning, so the pipeline's
-    # call of refine_displacement gets it here (the rest of the path is the engine's own).
-    tuned = []
-
-    def refine_tuned(f, m, u, cfg, **kwargs):
-        tuned.append(cfg)
-        return refine.refine_displacement(f, m, u, replace(cfg, learning_rate=0.1,
-                                                           regularization_weight=2.0), **kwargs)
-    monkeypatch.setattr(pipeline_module, "refine_displacement", refine_tuned)
     result = register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0, (2.5, 2.5, 2.5)),
-                      refine_iterations=60, initial_alignment="none")
-    assert [(c.iterations, c.similarity) for c in tuned] == [(60, "lncc")]
-    return sitk.GetArrayFromImage(result.displacement)
+                      initial_alignment="none")
+    assert result.refinement["preset"] == "default" and "scales_mm" in result.refinement
+    assert result.qa["folding_percent"] == 0 and result.qa["sdlogj"] < 0.4
+    smooth = sitk.SmoothingRecursiveGaussian(result.displacement, 5.0)
+    return sitk.GetArrayFromImage(result.displacement), sitk.GetArrayFromImage(smooth)
 
 
 def _points(image):
@@ -94,31 +98,35 @@ def _points(image):
     return idx[..., ::-1] @ (grid.direction_matrix @ np.diag(grid.spacing)).T + grid.origin
 
 
-def test_known_translation_is_recovered_by_optimisation(tmp_path, monkeypatch):
+def _errors(disp, smooth, truth, inside):
+    return (np.linalg.norm(disp[inside] - truth[inside], axis=-1).mean(),
+            np.linalg.norm(smooth[inside] - truth[inside], axis=-1).mean(),
+            np.linalg.norm(truth[inside], axis=-1).mean())
+
+
+def test_known_translation_is_recovered_by_optimisation(tmp_path):
     fixed, labels = _phantom_fixed()
     t = np.array([3.0, -2.0, 1.5])
     # moving(y) = fixed(y + t), so fixed(x) = moving(x - t): the true displacement is -t.
-    disp = _recover(fixed, sitk.TranslationTransform(3, tuple(t)), tmp_path, monkeypatch)
+    disp, smooth = _recover(fixed, sitk.TranslationTransform(3, tuple(t)), tmp_path)
     inside = sitk.GetArrayFromImage(sitk.BinaryErode(labels > 0, [3, 3, 3])) > 0
-    # Tolerance: LNCC on piecewise-constant blobs leaves ~0.1 working voxel (2.5 mm) of bias.
-    assert np.all(np.abs(disp[inside].mean(axis=0) + t) < 0.5), disp[inside].mean(axis=0)
-    err = np.linalg.norm(disp[inside] + t, axis=-1)
-    assert err.mean() < 0.75, f"mean error {err.mean():.2f} mm for a {np.linalg.norm(t):.2f} mm shift"
+    assert np.all(np.abs(disp[inside].mean(axis=0) + t) < 0.3), disp[inside].mean(axis=0)
+    raw, smoothed, size = _errors(disp, smooth, np.broadcast_to(-t, disp.shape), inside)
+    assert smoothed < 0.1 * size and raw < 0.3 * size, (raw, smoothed, size)
 
 
-def test_known_small_rotation_is_recovered_by_optimisation(tmp_path, monkeypatch):
+def test_known_small_rotation_is_recovered_by_optimisation(tmp_path):
     fixed, labels = _phantom_fixed()
     centre = geometry.Grid.from_image(fixed).center()
     rot = sitk.Euler3DTransform(tuple(centre), 0.0, 0.0, np.deg2rad(5.0))
-    disp = _recover(fixed, rot, tmp_path, monkeypatch)
+    disp, smooth = _recover(fixed, rot, tmp_path)
     # moving(y) = fixed(R (y - c) + c): the true displacement is R^T (x - c) + c - x.
     r = np.reshape(rot.GetMatrix(), (3, 3))
     x = _points(fixed)
     truth = (x - centre) @ r + centre - x
     inside = sitk.GetArrayFromImage(sitk.BinaryErode(labels > 0, [3, 3, 3])) > 0
-    err = np.linalg.norm(disp[inside] - truth[inside], axis=-1)
-    size = np.linalg.norm(truth[inside], axis=-1).mean()
-    assert err.mean() < 0.4 * size, f"mean error {err.mean():.2f} mm vs motion {size:.2f} mm"
+    raw, smoothed, size = _errors(disp, smooth, truth, inside)
+    assert smoothed < 0.3 * size and raw < 0.8 * size, (raw, smoothed, size)
 
 
 def test_labels_are_warped_by_nearest_neighbour(fixed_moving, tmp_path):

@@ -107,10 +107,11 @@ def test_every_front_end_uses_the_engines_default_refinement(tmp_path, monkeypat
     from EOIRRegistrationLib.slicer import worker as slicer_worker
 
     help_text = " ".join(register_cli.parser().format_help().split())
-    assert (f"default {options_module.DEFAULT_REFINE_ITERATIONS} after the network, "
-            f"{options_module.DEFAULT_REFINE_ITERATIONS_ALONE} without it" in help_text)
+    assert (f"MIND-SSC steps (default {options_module.DEFAULT_REFINE_ITERATIONS_ALONE} without "
+            f"the network, {options_module.DEFAULT_REFINE_ITERATIONS} after it)" in help_text)
+    assert "--preset {fast,default,accurate}" in help_text
     # every front end leaves the steps and the similarity to the engine, which picks them by
-    # contrast: 10 LNCC steps after the network, 40 MIND-SSC steps without it
+    # contrast: the preset's multi-scale LNCC schedule for one, 40 MIND-SSC steps for two
     args = register_cli.parser().parse_args(["f", "m", "--output-dir", "o"])
     assert args.refine is None and args.refine_similarity is None
     assert register_cli.options_from_args(args) == RegistrationOptions()

@@ -841,7 +841,7 @@ def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_
     assert options == RegistrationOptions()
     assert options.initial_alignment == "auto"
     # refinement on, its steps and similarity left to the engine (they follow the contrast)
-    assert options.refine_enabled and options.refine_iterations is None
+    assert options.refine_iterations is None and options.preset == "default"
     assert options.refine_seconds is None and options.refine_similarity is None
     assert options.contrast == "auto" and options.network is None
     # every result has an initial matrix (identity here), stored on the transform
@@ -880,7 +880,7 @@ def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_
     logic.registerVolumes(fixed, moving, initial_alignment="affine", refine_iterations=0,
                           refine_seconds=30.0, outputTransformNode=first.transformNode)
     options = fake_engine.calls[-1]["options"]
-    assert not options.refine_enabled and options.refine_iterations == 0
+    assert options.refine_iterations == 0
     assert options.initial_alignment == "affine"
 
     # an options object works as well as keywords, and keywords apply on top of it
@@ -913,7 +913,7 @@ def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_
                           outputTransformNode=first.transformNode)
     options = fake_engine.calls[-1]["options"]
     assert options == RegistrationOptions(contrast="different")
-    assert options.refine_iterations is None and options.refine_enabled
+    assert options.refine_iterations is None
 
 
 @pytest.mark.parametrize("options, message", [
@@ -1028,8 +1028,8 @@ def test_worker_job_file_round_trips_the_options(scene, volumes, worker_env, tmp
         model=str(tmp_path / "some model.pt"), device="cpu", threads=2,
         working_spacing=(1.5, 2.0, 2.5), intensity_window=((-100.0, 900.0), (0.0, 1200.5)),
         initial_alignment="rigid", initial_transform=translation_matrix(1.0, -2.0, 3.5),
-        contrast="same", network=True, refine_iterations=12, refine_seconds=3.5,
-        refine_similarity="lncc")
+        contrast="same", network=True, preset="accurate", refine_iterations=12,
+        refine_seconds=3.5, refine_similarity="lncc")
     defaults = RegistrationOptions()
     changed = [k for k, v in options.to_dict().items() if v == defaults.to_dict()[k]]
     assert changed == [], f"options left at their defaults: {changed}"
@@ -1238,6 +1238,7 @@ def test_real_engine_alignment_and_refinement_in_the_worker_process(scene, zero_
     assert moving.GetParentTransformNode() is out.transformNode
     # the worker reports which contrast path ran; the outputs and their summary carry it
     assert out.result.method.startswith("same contrast (intensity correlation ")
-    assert out.result.method.endswith("network + LNCC refinement, 3 steps")
+    assert out.result.method.endswith("network + LNCC optimisation at 4/2/1 mm, 20/10/3 steps "
+                                      "(default)")
     assert out.summary().startswith(out.result.method + "; folding")
     assert list(tmp_path.iterdir()) == []

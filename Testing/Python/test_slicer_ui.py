@@ -444,6 +444,18 @@ def test_initial_alignment_and_refinement_widgets(ui_tree, widgets, module_ast):
     assert list(texts.CONTRAST_LABELS.values()) == items
     assert set(texts.CONTRAST_TIPS) == set(texts.CONTRAST_LABELS)
     assert "texts.CONTRAST_LABELS, texts.CONTRAST_TIPS" in source
+    # Advanced: the optimisation preset, the engine's presets in order, default the engine's
+    cls, props = widgets["presetComboBox"]
+    assert cls == "QComboBox" and text(props["SlicerParameterName"]) == "preset"
+    assert "presetComboBox" in advanced
+    assert tuple(choice_values(fields["preset"])) == engine_options.PRESETS
+    assert defaults["preset"] == "DEFAULTS.preset"
+    element = next(e for e in ui_tree.iter("widget") if e.get("name") == "presetComboBox")
+    items = [item.find("property/string").text for item in element.findall("item")]
+    assert list(texts.PRESET_LABELS) == list(engine_options.PRESETS)
+    assert list(texts.PRESET_LABELS.values()) == items
+    assert set(texts.PRESET_TIPS) == set(texts.PRESET_LABELS)
+    assert "texts.PRESET_LABELS, texts.PRESET_TIPS" in source
     # the device choice: the engine's devices, default the engine's
     assert choice_values(fields["device"]) == list(engine_options.DEVICES)
     assert list(texts.DEVICE_LABELS) == list(engine_options.DEVICES)
@@ -477,7 +489,7 @@ def test_parameter_node_maps_to_the_engine_options(module_with_stub_application)
         useIntensityWindow=node.useIntensityWindow, fixedWindowMin=node.fixedWindowMin,
         fixedWindowMax=node.fixedWindowMax, movingWindowMin=node.movingWindowMin,
         movingWindowMax=node.movingWindowMax, initialAlignment=node.initialAlignment,
-        contrast=node.contrast, refineIterations=node.refineIterations,
+        contrast=node.contrast, preset=node.preset, refineIterations=node.refineIterations,
         refineSeconds=node.refineSeconds, refineSimilarity=node.refineSimilarity)
     options = module.optionsFromParameterNode(unset)
     assert options == RegistrationOptions()
@@ -490,12 +502,13 @@ def test_parameter_node_maps_to_the_engine_options(module_with_stub_application)
     chosen = types.SimpleNamespace(
         model="/models/mine.pt", device="cpu", workingSpacing=1.5, useIntensityWindow=True,
         fixedWindowMin=-100.0, fixedWindowMax=900.0, movingWindowMin=0.0, movingWindowMax=1200.0,
-        initialAlignment="rigid", contrast="different", refineIterations=0, refineSeconds=5.0,
-        refineSimilarity="mind")
+        initialAlignment="rigid", contrast="different", preset="accurate", refineIterations=0,
+        refineSeconds=5.0, refineSimilarity="mind")
     assert module.optionsFromParameterNode(chosen) == RegistrationOptions(
         model="/models/mine.pt", device="cpu", working_spacing=1.5,
         intensity_window=((-100.0, 900.0), (0.0, 1200.0)), initial_alignment="rigid",
-        contrast="different", refine_iterations=0, refine_seconds=5.0, refine_similarity="mind")
+        contrast="different", preset="accurate", refine_iterations=0, refine_seconds=5.0,
+        refine_similarity="mind")
     # a bad choice is refused by the options' own checks (before anything is read)
     with pytest.raises(InputError, match="intensity window"):
         module.optionsFromParameterNode(types.SimpleNamespace(
@@ -536,7 +549,7 @@ def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_ap
         outputVolume=None, model="default", device="cpu", workingSpacing=0.0,
         useIntensityWindow=False, showJacobian=True, showFolding=False,
         initialAlignment="affine", refineIterations=40, refineSeconds=12.5,
-        refineSimilarity="mind", contrast="different")
+        refineSimilarity="mind", contrast="different", preset="fast")
     widget._setRunning = lambda running: None
     widget._timer = types.SimpleNamespace(start=lambda: None)
     widget._startRegistration()
@@ -544,7 +557,7 @@ def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_ap
     assert isinstance(job.options, RegistrationOptions)
     assert job.options == RegistrationOptions(
         model="default", device="cpu", initial_alignment="affine", refine_iterations=40,
-        refine_seconds=12.5, refine_similarity="mind", contrast="different")
+        refine_seconds=12.5, refine_similarity="mind", contrast="different", preset="fast")
     assert job.options.initial_alignment == "affine"
     assert job.options.refine_iterations == 40 and job.options.refine_seconds == 12.5
     assert job.options.refine_similarity == "mind" and job.options.contrast == "different"

@@ -16,6 +16,7 @@ from EOIRRegistrationLib.engine.options import (
     DEFAULT_REFINE_ITERATIONS_ALONE,
     DEVICES,
     INITIAL_ALIGNMENTS,
+    PRESETS,
     REFINE_SIMILARITIES,
     RegistrationOptions,
 )
@@ -63,10 +64,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-network", action="store_true",
                    help="skip the network whatever the contrast: the refinement alone, from the "
                         "initial alignment (needs refinement)")
+    p.add_argument("--preset", choices=PRESETS, default=DEFAULTS.preset,
+                   help="schedule of the one-contrast optimisation after the network, coarse "
+                        "to fine down to the fixed image's own resolution: fast, default or "
+                        "accurate (README, Benchmarks: what each gains and costs)")
     p.add_argument("--refine", type=int, default=DEFAULTS.refine_iterations, metavar="N",
-                   help=f"per-pair optimisation iterations (default {DEFAULT_REFINE_ITERATIONS} "
-                        f"after the network, {DEFAULT_REFINE_ITERATIONS_ALONE} without it; "
-                        "0 = off)")
+                   help="optimisation steps: one contrast, at the finest scale of --preset "
+                        "(default: the preset's); two contrasts, MIND-SSC steps (default "
+                        f"{DEFAULT_REFINE_ITERATIONS_ALONE} without the network, "
+                        f"{DEFAULT_REFINE_ITERATIONS} after it); 0 = off (the network alone)")
     p.add_argument("--refine-seconds", type=float, default=DEFAULTS.refine_seconds,
                    help="time budget for the refinement (stops early when exceeded)")
     p.add_argument("--refine-similarity", choices=REFINE_SIMILARITIES,
@@ -103,7 +109,7 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
         intensity_window=None if window is None else (window[:2], window[2:]),
         initial_alignment=args.init,
         initial_transform=read_initial_transform(args.initial_transform),
-        contrast=args.contrast, network=False if args.no_network else None,
+        contrast=args.contrast, network=False if args.no_network else None, preset=args.preset,
         refine_iterations=args.refine, refine_seconds=args.refine_seconds,
         refine_similarity=args.refine_similarity)
 

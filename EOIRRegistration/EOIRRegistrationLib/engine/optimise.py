@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from EOIRRegistrationLib.core import geometry, spatial
 
@@ -39,6 +38,27 @@ class Schedule:
     learning_rate: float = 0.5       # voxels of the level per step (Adam)
     gradient_sigma: float = 1.0      # voxels: smoothing of each step ("fluid")
     field_sigma: float = 0.5         # voxels: smoothing of the field after each step ("elastic")
+    step_sigma: float = 0.0          # voxels: smoothing of Adam's step before it is composed
+    adam: bool = True                # False: the smoothed gradient scaled to a largest step of
+                                     # learning_rate voxels (greedy's normalisation)
+    adam_floor: float = 0.0          # Adam's epsilon relative to the gradient's RMS: voxels
+                                     # whose gradient is weaker than that move less
+
+
+#: the presets of ``RegistrationOptions.preset`` (scales in mm, coarse to fine)
+PRESETS = {
+    "fast": Schedule((4.0, 2.0, 1.0), (10, 5, 2), step_sigma=1.0, adam_floor=0.3),
+    "default": Schedule((4.0, 2.0, 1.0), (20, 10, 3), step_sigma=1.0, adam_floor=0.3),
+    "accurate": Schedule((4.0, 2.0, 1.0), (50, 25, 6)),
+}
+
+
+def schedule_of(preset: str, finest_iterations: int | None = None) -> Schedule:
+    """The preset's schedule, with ``finest_iterations`` steps at its finest scale if given."""
+    schedule = PRESETS[preset]
+    if finest_iterations is None:
+        return schedule
+    return replace(schedule, iterations=schedule.iterations[:-1] + (int(finest_iterations),))
 
 
 def level_grid(fixed: geometry.Grid, scale_mm: float) -> geometry.Grid:
@@ -68,18 +88,32 @@ def _filter_axis(x: torch.Tensor, weights: list[float], axis: int) -> torch.Tens
     return out
 
 
-def gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian (sigma voxels, truncated at 2 sigma), borders replicated."""
-    if sigma <= 0:
-        return x
-    r = max(1, int(math.ceil(2.0 * sigma)))
-    w = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-r, r + 1)]
-    total = sum(w)
-    w = [v / total for v in w]
-    for axis in range(3):
-        if x.shape[axis + 2] > 1:
-            x = _filter_axis(x, w, axis)
+def gaussian(x: torch.Tensor, sigma) -> torch.Tensor:
+    """Separable Gaussian, sigma in voxels (one value, or one per array axis), truncated at 2
+    sigma, borders replicated."""
+    sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(v) for v in sigma]
+    for axis, sig in enumerate(sigmas):
+        if sig <= 0.05 or x.shape[axis + 2] < 2:
+            continue
+        r = max(1, int(math.ceil(2.0 * sig)))
+        w = [math.exp(-0.5 * (k / sig) ** 2) for k in range(-r, r + 1)]
+        total = sum(w)
+        x = _filter_axis(x, [v / total for v in w], axis)
     return x
+
+
+def image_at(values: torch.Tensor, source: geometry.Grid, level: geometry.Grid, scale_mm: float,
+             affine=None) -> torch.Tensor:
+    """An image ``(1, 1, *source.shape)`` for one level: smoothed by a Gaussian of half the
+    scale's excess over its own spacing (against aliasing), then sampled on ``level`` (ITK's
+    linear rules) through ``affine`` (4x4 LPS, level point -> source point)."""
+    spacing = np.asarray(source.spacing, dtype=float)  # x, y, z
+    sigma = 0.5 * np.sqrt(np.maximum(float(scale_mm) ** 2 - spacing ** 2, 0.0)) / spacing
+    smoothed = gaussian(values, tuple(reversed(sigma.tolist())))  # array order k, j, i
+    if level == source and affine is None:
+        return smoothed
+    return geometry.sample_like_itk(smoothed, geometry.array_coords_of(level, source,
+                                                                       affine=affine))
 
 
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -143,13 +177,18 @@ def move_field(d_mm: torch.Tensor, source: geometry.Grid, target: geometry.Grid)
 
 def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
              start: tuple[torch.Tensor, geometry.Grid] | None = None, progress=None,
-             cancel=None, time_budget_s: float | None = None) -> torch.Tensor:
+             cancel=None, time_budget_s: float | None = None,
+             timings: dict | None = None, device: torch.device | None = None) -> torch.Tensor:
     """The displacement (LPS mm, ``(3, *fixed_grid.shape)``) after the schedule.
 
     fixed_at(grid, scale_mm) / moving_at(grid, scale_mm): the normalised images ``(1, 1, *S)``
     on a level grid, smoothed for that scale (the moving one read through the initial linear
-    transform). start: an LPS-mm displacement ``(1, 3, *S)`` and its grid.
+    transform). start: an LPS-mm displacement ``(1, 3, *S)`` and its grid. timings, when
+    given, receives the seconds of each level ("optimising 2 mm": preparing and iterating).
+    device: where the levels are optimised (the images are prepared on the CPU); the result is
+    on the CPU.
     """
+    device = device or torch.device("cpu")
     started = time.perf_counter()
     total = sum(schedule.iterations) or 1
     done = 0
@@ -157,11 +196,12 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
     if start is not None:
         d_mm, grid = start
     for scale, iterations in zip(schedule.scales_mm, schedule.iterations):
+        level_started = time.perf_counter()
         level = level_grid(fixed_grid, scale)
         u = (torch.zeros(1, 3, *level.shape) if d_mm is None
-             else _to_voxels(move_field(d_mm, grid, level), level))
-        fixed = fixed_at(level, scale)
-        moving = moving_at(level, scale)
+             else _to_voxels(move_field(d_mm, grid, level), level)).to(device)
+        fixed = fixed_at(level, scale).to(device)
+        moving = moving_at(level, scale).to(device)
         lncc = _LNCC(fixed, schedule.window)
         m1 = torch.zeros_like(u)
         m2 = torch.zeros_like(u)
@@ -174,17 +214,25 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
             warped = spatial.warp(moving, u, padding="border")
             force, _ = lncc.force(warped)
             grad = gaussian(-force * _gradient(warped), schedule.gradient_sigma)
-            m1.mul_(b1).add_(grad, alpha=1 - b1)
-            m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
             t = it + 1
             lr = schedule.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * it / iterations)))
-            step = (m1 / (1 - b1 ** t)) / ((m2 / (1 - b2 ** t)).sqrt_().add_(1e-8))
-            step.mul_(-lr)
+            if schedule.adam:
+                m1.mul_(b1).add_(grad, alpha=1 - b1)
+                m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                v_hat = m2 / (1 - b2 ** t)
+                eps = schedule.adam_floor * float(v_hat.mean().sqrt()) + 1e-8
+                step = (m1 / (1 - b1 ** t)) / v_hat.sqrt_().add_(eps)
+            else:
+                step = grad / grad.norm(dim=1).max().clamp_min(1e-12)
+            step = gaussian(step.mul_(-lr), schedule.step_sigma)
             u = gaussian(spatial.compose(u, step), schedule.field_sigma)
             done += 1
             if progress is not None:
                 progress(done / total)
-        d_mm, grid = _to_mm(u, level), level
+        d_mm, grid = _to_mm(u.cpu(), level), level
+        del fixed, moving, lncc, m1, m2, u
+        if timings is not None:
+            timings[f"optimising {scale:g} mm"] = round(time.perf_counter() - level_started, 3)
     if d_mm is None:
         return torch.zeros(3, *fixed_grid.shape)
     return move_field(d_mm, grid, fixed_grid)[0]

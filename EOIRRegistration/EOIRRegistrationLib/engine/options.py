@@ -26,6 +26,9 @@ INITIAL_ALIGNMENTS = ("auto", "none", "com", "rigid", "affine")
 CONTRASTS = ("auto", "same", "different")
 #: LNCC (one contrast) or MIND-SSC descriptors (two contrasts)
 REFINE_SIMILARITIES = ("lncc", "mind")
+#: schedules of the one-contrast multi-scale optimisation (their scales and steps:
+#: ``engine/optimise.py``; their measured accuracy and time: README, Benchmarks)
+PRESETS = ("fast", "default", "accurate")
 #: refinement steps when ``refine_iterations`` is None: after the network, and without it
 #: (see ``engine/refine.py`` for the measurements behind them)
 DEFAULT_REFINE_ITERATIONS = 10
@@ -137,8 +140,13 @@ class RegistrationOptions:
     #: None follows the contrast; False: the refinement alone; True: the network whatever the
     #: contrast
     network: bool | None = None
-    #: per-pair optimisation steps; None: DEFAULT_REFINE_ITERATIONS after the network,
-    #: DEFAULT_REFINE_ITERATIONS_ALONE without it; 0: off
+    #: the one-contrast (LNCC) multi-scale optimisation's schedule, down to the fixed image's
+    #: own resolution (``PRESETS``)
+    preset: str = "default"
+    #: per-pair optimisation steps; 0: off (the network alone). For one contrast (LNCC) the
+    #: steps at the finest scale of the preset's schedule; for two (MIND-SSC) the steps of its
+    #: refinement. None: the preset's; for MIND-SSC DEFAULT_REFINE_ITERATIONS after the network,
+    #: DEFAULT_REFINE_ITERATIONS_ALONE without it
     refine_iterations: int | None = None
     #: time budget of the refinement in seconds; None: no limit
     refine_seconds: float | None = None
@@ -161,6 +169,7 @@ class RegistrationOptions:
                                          "initial alignment"),
             "initial_transform": _matrix(self.initial_transform),
             "contrast": _choice(self.contrast, CONTRASTS, "contrast"),
+            "preset": _choice(self.preset, PRESETS, "preset"),
             "refine_iterations": (None if self.refine_iterations is None else _whole(
                 self.refine_iterations, "refine iterations", 0, MAX_REFINE_ITERATIONS)),
             "refine_similarity": (None if self.refine_similarity is None else _choice(
@@ -179,10 +188,6 @@ class RegistrationOptions:
                              f"it iterations (e.g. {DEFAULT_REFINE_ITERATIONS_ALONE})")
         for name, value in checked.items():
             object.__setattr__(self, name, value)
-
-    @property
-    def refine_enabled(self) -> bool:
-        return self.refine_iterations != 0
 
     def replace(self, **changes) -> RegistrationOptions:
         """A copy with ``changes`` applied (and validated)."""

@@ -31,7 +31,7 @@ import torch
 from EOIRRegistrationLib.core import geometry, metrics, qa, spatial
 from EOIRRegistrationLib.core.errors import DeviceError, InputError, RegistrationCancelled
 from EOIRRegistrationLib.core.intensity import normalize, window_of
-from EOIRRegistrationLib.engine import alignment
+from EOIRRegistrationLib.engine import alignment, optimise
 from EOIRRegistrationLib.engine import contrast as contrast_test
 from EOIRRegistrationLib.engine.devices import is_out_of_memory, resolve_device
 from EOIRRegistrationLib.engine.modelfile import LoadedModel, resolve_model
@@ -115,6 +115,24 @@ def _to_working(image: sitk.Image, values: torch.Tensor, grid: geometry.Grid,
     """``values`` (the image as a tensor) resampled onto the working grid, through ``affine``."""
     coords = geometry.array_coords_of(grid, geometry.Grid.from_image(image), affine=affine)
     return geometry.sample_like_itk(values, coords)
+
+
+def _level_images(fixed_t, fixed_grid, moving_t, moving_grid, affine, windows):
+    """The optimisation's image makers: (grid, scale) -> the normalised fixed image, and the
+    moving image through ``affine``, smoothed for the scale and sampled on the level grid."""
+    def fixed_at(grid, scale):
+        return normalize(optimise.image_at(fixed_t, fixed_grid, grid, scale), windows[0])
+
+    def moving_at(grid, scale):
+        return normalize(optimise.image_at(moving_t, moving_grid, grid, scale, affine),
+                         windows[1])
+    return fixed_at, moving_at
+
+
+def _working_mm(u: torch.Tensor, grid: geometry.Grid) -> torch.Tensor:
+    """A voxel displacement ``(1, 3, *S)`` (array order) on ``grid`` in LPS mm."""
+    to_lps = torch.as_tensor(grid.array_to_physical()[:3, :3], dtype=u.dtype)
+    return torch.einsum("ab,b...->a...", to_lps, u[0])[None]
 
 
 def _include_affine(disp: torch.Tensor, grid: geometry.Grid, a: np.ndarray) -> torch.Tensor:
@@ -224,23 +242,22 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
     wgrid = geometry.working_grid(fixed_grid, spacing, multiple=loaded.model.size_multiple)
     # Each image is converted to a tensor once; the moving one is reused for the final warp.
     fixed_t, moving_t = geometry.image_to_tensor(fixed), geometry.image_to_tensor(moving)
-    tensors = []
-    for k, (image, values, role) in enumerate(((fixed, fixed_t, "fixed"),
-                                               (moving, moving_t, "moving"))):
+    windows = []
+    for k, (values, role) in enumerate(((fixed_t, "fixed"), (moving_t, "moving"))):
         window = (options.intensity_window[k] if options.intensity_window is not None
                   else window_of(values, loaded.normalization))
         if not window[1] > window[0]:
             raise InputError(f"the {role} image's intensity window {window} is empty (high must "
                              "exceed low); most voxels may share one value")
-        tensors.append(normalize(_to_working(image, values, wgrid,
-                                             affine if role == "moving" else None), window))
-    fixed_w, moving_w = tensors
-    del fixed_t
+        windows.append(window)
+    fixed_w = normalize(_to_working(fixed, fixed_t, wgrid), windows[0])
+    moving_w = normalize(_to_working(moving, moving_t, wgrid, affine), windows[1])
     contrast, correlation = contrast_test.decide(options.contrast, fixed_w, moving_w)
     if network is None:
         network = contrast == "same" or refine is None or agnostic
     if refine is not None:
         refine = refine.resolved(after_network=network, same_contrast=contrast == "same")
+    multiscale = refine is not None and refine.similarity == "lncc"
 
     shape = fixed_w.shape[2:]
     requested = options.device
@@ -250,26 +267,40 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
                                     requested, stages, "registering", shape)
     else:
         u = fixed_w.new_zeros(1, 3, *shape)
+    refinement = None
+    disp = None
     if refine is not None:
         stages.start("refining")
         span = (STAGES.index("refining") / len(STAGES), 1 / len(STAGES))
         on_step = (lambda f: progress("refining", span[0] + f * span[1])) if progress else None
-        u, dev = _with_cpu_fallback(
-            partial(_refine_on, fixed_w, moving_w, u, refine, on_step, cancel), dev, requested,
-            stages, "refining", shape)
+        if multiscale:
+            schedule = optimise.schedule_of(options.preset, options.refine_iterations)
+            start = (_working_mm(u, wgrid), wgrid) if network else None
+            level_images = _level_images(fixed_t, fixed_grid, moving_t,
+                                         geometry.Grid.from_image(moving), affine, windows)
+            disp, dev = _with_cpu_fallback(
+                lambda d: optimise.optimise(*level_images, fixed_grid, schedule, start=start,
+                                            progress=on_step, cancel=cancel,
+                                            time_budget_s=refine.time_budget_s,
+                                            timings=stages.timings, device=d),
+                dev, requested, stages, "refining", fixed_grid.shape)
+            refinement = {"similarity": "lncc", "preset": options.preset,
+                          "scales_mm": list(schedule.scales_mm),
+                          "iterations": list(schedule.iterations)}
+        else:
+            u, dev = _with_cpu_fallback(
+                partial(_refine_on, fixed_w, moving_w, u, refine, on_step, cancel), dev,
+                requested, stages, "refining", shape)
+            refinement = {"similarity": refine.similarity, "iterations": refine.iterations,
+                          "sample_fraction": refine.sample_fraction}
         if _cancelled(cancel):
             raise RegistrationCancelled("registration cancelled while refining")
-    del fixed_w, moving_w
+    del fixed_w, moving_w, fixed_t
 
     stages.start("resampling")
-    # Working-grid voxel displacement (array order) -> LPS mm on the working grid.
-    to_lps = torch.as_tensor(wgrid.array_to_physical()[:3, :3], dtype=torch.float32)
-    d_work = torch.einsum("ab,b...->a...", to_lps, u[0])
+    if disp is None:  # the working grid's field -> LPS mm interpolated at the fixed grid's voxels
+        disp = optimise.move_field(_working_mm(u, wgrid), wgrid, fixed_grid)[0]
     del u
-    # ... -> interpolated at the fixed grid's voxels (border values beyond the working grid).
-    coords = geometry.array_coords_of(fixed_grid, wgrid)
-    disp = spatial.sample(d_work[None], coords, mode="linear", padding="border")[0]
-    del d_work, coords
     if affine is not None:
         disp = _include_affine(disp, fixed_grid, affine)
     moving_grid = geometry.Grid.from_image(moving)
@@ -298,9 +329,7 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
         working_spacing=tuple(wgrid.spacing), initial_matrix=a,
         initial_alignment=alignment_used, network=network, contrast=contrast,
         contrast_correlation=correlation,
-        refinement=None if refine is None else {
-            "iterations": refine.iterations, "similarity": refine.similarity,
-            "sample_fraction": refine.sample_fraction})
+        refinement=refinement)
     stages.done()
     result.timings = dict(stages.timings)
     return result

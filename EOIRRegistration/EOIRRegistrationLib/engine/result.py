@@ -47,7 +47,8 @@ class RegistrationResult:
     network: bool = True            # whether the network ran
     contrast: str = "same"          # "same" or "different" ("auto" resolved)
     contrast_correlation: float = math.nan  # the figure "auto" decides on (engine/contrast.py)
-    #: the refinement that ran (iterations, similarity, sample_fraction), None when off
+    #: the optimisation that ran, None when off: one contrast {similarity "lncc", preset,
+    #: scales_mm, iterations (per scale)}; two {similarity "mind", iterations, sample_fraction}
     refinement: dict | None = None
     timings: dict = field(default_factory=dict)  # stage -> seconds
 
@@ -60,8 +61,14 @@ class RegistrationResult:
         head = "same contrast" if self.contrast == "same" else "different contrasts"
         if self.refinement is None:
             return f"{head}{why}: network alone, no refinement"
-        steps = (f"{'MIND-SSC' if self.refinement['similarity'] == 'mind' else 'LNCC'} refinement"
-                 f"{'' if self.network else ' alone'}, {self.refinement['iterations']} steps")
+        r = self.refinement
+        if "scales_mm" in r:
+            steps = (f"LNCC optimisation{'' if self.network else ' alone'} at "
+                     f"{'/'.join(f'{s:g}' for s in r['scales_mm'])} mm, "
+                     f"{'/'.join(map(str, r['iterations']))} steps ({r['preset']})")
+        else:
+            steps = (f"{'MIND-SSC' if r['similarity'] == 'mind' else 'LNCC'} refinement"
+                     f"{'' if self.network else ' alone'}, {r['iterations']} steps")
         return f"{head}{why}: {'network + ' if self.network else ''}{steps}"
 
     def summary(self) -> str:

@@ -18,6 +18,7 @@ def optionsFromParameterNode(p) -> RegistrationOptions:
         model=p.model or DEFAULTS.model, device=p.device,
         working_spacing=p.workingSpacing if p.workingSpacing > 0 else None,
         intensity_window=window, initial_alignment=p.initialAlignment, contrast=p.contrast,
+        preset=p.preset,
         refine_iterations=None if p.refineIterations < 0 else p.refineIterations,
         refine_seconds=p.refineSeconds if p.refineSeconds > 0 else None,
         refine_similarity=None if p.refineSimilarity == "auto" else p.refineSimilarity)

@@ -34,6 +34,14 @@ INITIAL_ALIGNMENT_TIPS = {
     "rigid": "Rotation and translation maximising mutual information.",
     "affine": "Rigid, then a full affine map maximising mutual information.",
 }
+#: optimisation presets (the engine's names) and their labels in the panel
+PRESET_LABELS = {"fast": "Fast", "default": "Default", "accurate": "Accurate"}
+PRESET_TIPS = {
+    "fast": "Fewer optimisation steps: quicker, a little less accurate.",
+    "default": "The balance measured best for accuracy against time.",
+    "accurate": "More steps and less smoothing of each step: the most accurate, slower, a "
+                "less smooth field.",
+}
 #: contrast choices (the engine's names) and their labels in the panel
 CONTRAST_LABELS = {
     "auto": "Automatic (from the volumes)",
