@@ -683,7 +683,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--perturbed", action="store_true",
                     help="add each pair with the moving volume resampled through a known affine "
                          f"({PERTURB_DEGREES:g} degrees, {PERTURB_SHIFT_MM:g} mm, "
-                         f"{100 * PERTURB_SCALE:g} % scale, fixed seeds)")
+                         f"{100 * PERTURB_SCALE:g} %% scale, fixed seeds)")
     ap.add_argument("--results", help="JSON file of per-pair rows: loaded, updated, saved")
     ap.add_argument("--plot", help="PNG: mean Dice vs mean seconds per method (log x)")
     ap.add_argument("--save-results", action="store_true",

@@ -1,0 +1,124 @@
+"""The multi-scale optimisation's parts (engine/optimise.py) against independent computations."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import oblique_image
+
+from EOIRRegistrationLib.core import geometry, losses
+from EOIRRegistrationLib.engine import optimise
+
+
+def test_box_mean_is_a_replicate_padded_average_pool():
+    x = torch.rand(1, 2, 9, 7, 6, dtype=torch.float64)
+    ref = F.avg_pool3d(F.pad(x, [2] * 6, mode="replicate"), 5, stride=1)
+    torch.testing.assert_close(optimise.box_mean(x, 5), ref)
+
+
+def test_gaussian_matches_a_separable_convolution_per_axis():
+    x = torch.rand(1, 1, 12, 10, 9, dtype=torch.float64)
+    sigmas = (1.0, 0.0, 2.0)  # array order; 0 skips the axis
+    out = optimise.gaussian(x, sigmas)
+    ref = x.numpy()[0, 0]
+    for axis, sigma in enumerate(sigmas):
+        if sigma == 0:
+            continue
+        r = int(np.ceil(2 * sigma))
+        w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+        w /= w.sum()
+        pad = [(0, 0)] * 3
+        pad[axis] = (r, r)
+        padded = np.pad(ref, pad, mode="edge")
+        ref = sum(w[k] * np.take(padded, range(k, k + ref.shape[axis]), axis=axis)
+                  for k in range(2 * r + 1))
+    np.testing.assert_allclose(out[0, 0].numpy(), ref, rtol=0, atol=1e-12)
+    assert torch.equal(optimise.gaussian(x, 0.0), x)
+    const = torch.full((1, 3, 6, 6, 6), 2.5)
+    torch.testing.assert_close(optimise.gaussian(const, 1.3), const)
+
+
+def test_lncc_force_raises_the_similarity_it_approximates():
+    """A small step of the warped image along the closed-form force raises the mean LNCC (as
+    computed independently by core.losses), and the force vanishes for a perfect match."""
+    torch.manual_seed(0)
+    fixed = optimise.gaussian(torch.rand(1, 1, 16, 16, 16, dtype=torch.float64), 1.0)
+    warped = fixed + 0.3 * optimise.gaussian(torch.rand_like(fixed), 1.0)
+    force, cc = optimise._LNCC(fixed, 5).force(warped)
+    before = -float(losses.lncc_loss(fixed, warped, window=5))
+    after = -float(losses.lncc_loss(fixed, warped + 1e-3 * force / force.abs().max(), window=5))
+    assert after > before
+    force_same, cc_same = optimise._LNCC(fixed, 5).force(fixed)
+    assert float(force_same.norm()) < 0.05 * float(force.norm()) and cc_same > cc
+
+
+def test_level_grids_share_the_fixed_frame_and_end_on_the_fixed_grid():
+    image = oblique_image(size=(30, 24, 20), spacing=(1.0, 1.2, 2.5))
+    fixed = geometry.Grid.from_image(image)
+    assert optimise.level_grid(fixed, 1.0) == fixed  # no axis coarser than 1 mm: the grid itself
+    coarse = optimise.level_grid(fixed, 2.0)
+    assert coarse.spacing == (2.0, 2.0, 2.5)  # never finer than the image's own 2.5 mm
+    assert coarse.direction == fixed.direction
+    np.testing.assert_allclose(coarse.center(), fixed.center(), atol=1e-9)
+
+
+def test_a_constant_field_moves_between_grids_unchanged():
+    image = oblique_image(size=(20, 18, 16), spacing=(1.0, 1.5, 2.0))
+    fine = geometry.Grid.from_image(image)
+    coarse = optimise.level_grid(fine, 4.0)
+    d = torch.tensor([1.5, -2.0, 0.25]).view(1, 3, 1, 1, 1).expand(1, 3, *coarse.shape)
+    moved = optimise.move_field(d.clone(), coarse, fine)
+    torch.testing.assert_close(moved, d[:, :, :1, :1, :1].expand(1, 3, *fine.shape))
+    u = optimise._to_voxels(moved, fine)
+    torch.testing.assert_close(optimise._to_mm(u, fine), moved, atol=1e-5, rtol=0)
+
+
+def test_schedules_and_presets():
+    assert set(optimise.PRESETS) == {"fast", "default", "accurate"}
+    for schedule in optimise.PRESETS.values():
+        assert list(schedule.scales_mm) == sorted(schedule.scales_mm, reverse=True)
+        assert len(schedule.scales_mm) == len(schedule.iterations)
+    changed = optimise.schedule_of("default", 7)
+    assert changed.iterations[-1] == 7
+    assert changed.iterations[:-1] == optimise.PRESETS["default"].iterations[:-1]
+    assert optimise.schedule_of("fast") is optimise.PRESETS["fast"]
+
+
+def _shifted_pair():
+    image = oblique_image(size=(24, 24, 24), spacing=(2.0, 2.0, 2.0), seed=4)
+    grid = geometry.Grid.from_image(image)
+    values = geometry.image_to_tensor(image)
+    shift = np.eye(4)
+    shift[:3, 3] = (2.0, -1.0, 1.0)  # moving(x) = fixed(x + t)
+    fixed_at = lambda g, s: optimise.image_at(values, grid, g, s)  # noqa: E731
+    moving_at = lambda g, s: optimise.image_at(values, grid, g, s, shift)  # noqa: E731
+    return grid, fixed_at, moving_at
+
+
+def test_optimise_recovers_a_shift_and_reports_each_level():
+    grid, fixed_at, moving_at = _shifted_pair()
+    timings, fractions = {}, []
+    d = optimise.optimise(fixed_at, moving_at, grid, optimise.PRESETS["default"],
+                          progress=fractions.append, timings=timings)
+    assert d.shape == (3, *grid.shape)
+    inner = d[:, 6:-6, 6:-6, 6:-6].reshape(3, -1).mean(dim=1)
+    # moving(x + d) = fixed(x) needs fixed(x + d + t) = fixed(x): d = -t (LPS mm)
+    torch.testing.assert_close(inner, torch.tensor([-2.0, 1.0, -1.0]), atol=0.35, rtol=0)
+    # one entry per scale (the 2 mm image's "1 mm" level is its own grid again)
+    assert set(timings) == {"optimising 4 mm", "optimising 2 mm", "optimising 1 mm"}
+    assert fractions and fractions[-1] == pytest.approx(1.0) and fractions == sorted(fractions)
+
+
+def test_optimise_stops_on_cancel_and_on_its_time_budget():
+    grid, fixed_at, moving_at = _shifted_pair()
+    cancel = threading.Event()
+    cancel.set()
+    d = optimise.optimise(fixed_at, moving_at, grid, optimise.PRESETS["accurate"], cancel=cancel)
+    assert float(d.abs().max()) == 0  # no step taken
+    steps = []
+    optimise.optimise(fixed_at, moving_at, grid, optimise.PRESETS["accurate"], time_budget_s=0.0,
+                      progress=steps.append)
+    assert steps == []
