@@ -122,3 +122,21 @@ def test_optimise_stops_on_cancel_and_on_its_time_budget():
     optimise.optimise(fixed_at, moving_at, grid, optimise.PRESETS["accurate"], time_budget_s=0.0,
                       progress=steps.append)
     assert steps == []
+
+
+def test_first_order_composition_is_close_to_the_true_composition_for_small_steps():
+    """u(p) = a sin(2 pi p_k / L) along array axis k, a uniform step s along k: the true
+    ``s + u(p + s)`` is known in closed form; the first-order composition's error is second
+    order in s, well below the error of adding the step without composing."""
+    shape, length, a, s = (24, 20, 18), 12.0, 2.0, 0.3
+    k = torch.arange(shape[0], dtype=torch.float64).view(-1, 1, 1).expand(shape)
+    u = torch.zeros(1, 3, *shape, dtype=torch.float64)
+    u[0, 1] = a * torch.sin(2 * torch.pi * k / length)
+    step = torch.zeros_like(u)
+    step[0, 0] = s
+    truth = step.clone()
+    truth[0, 1] = a * torch.sin(2 * torch.pi * (k + s) / length)
+    inner = (slice(None), slice(None), slice(2, -2))
+    first = (optimise._compose_first_order(u, step) - truth)[inner].abs().max()
+    additive = (u + step - truth)[inner].abs().max()
+    assert first < 0.1 * additive, (float(first), float(additive))
