@@ -52,7 +52,7 @@ class Schedule:
 PRESETS = {
     "fast": Schedule((4.0, 2.0, 1.0), (10, 5, 2), step_sigma=1.0, adam_floor=0.3),
     "default": Schedule((4.0, 2.0, 1.0), (20, 10, 3), step_sigma=1.0, adam_floor=0.3),
-    "accurate": Schedule((4.0, 2.0, 1.0), (50, 25, 6)),
+    "accurate": Schedule((4.0, 2.0, 1.0), (50, 25, 6), step_sigma=0.5, adam_floor=0.3),
 }
 
 
