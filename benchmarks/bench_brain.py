@@ -300,20 +300,24 @@ def child_main(argv) -> int:
 # Parent side.
 
 def run_child(python: str, method: str, fixed: str, moving: str, out: Path, threads: int,
-              opts: dict) -> dict:
+              opts: dict, script: str | None = None) -> dict:
+    """``script _child METHOD ...`` (default: this file) in a fresh process limited to
+    ``threads``; its child.json with the wall seconds of the whole process and the peak in GB.
+    Its output is kept in OUT/child.log."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OPENBLAS_NUM_THREADS=str(threads),
                ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join([str(ENGINE)] + [p for p in os.environ.get(
+               PYTHONPATH=os.pathsep.join([str(ENGINE), str(HERE)] + [p for p in os.environ.get(
                    "PYTHONPATH", "").split(os.pathsep) if p]))
     t0 = time.perf_counter()
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "_child", method, fixed,
-                           moving, str(out), str(threads), json.dumps(opts)],
+    proc = subprocess.run([python, str(Path(script or __file__).resolve()), "_child", method,
+                           fixed, moving, str(out), str(threads), json.dumps(opts)],
                           capture_output=True, text=True, env=env)
     process_seconds = time.perf_counter() - t0
+    (out / "child.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode or not (out / "child.json").exists():
         raise RuntimeError(f"{method} child failed (exit {proc.returncode}):\n"
                            f"{(proc.stderr or proc.stdout)[-3000:]}")

@@ -87,11 +87,12 @@ import math
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import bench_brain  # the process runner and the demons, ANTs, elastix children
 
 HERE = Path(__file__).resolve().parent
 ENGINE = HERE.parent / "EOIRRegistration"
@@ -321,12 +322,6 @@ def split_pair(pair: str) -> tuple[str, str]:
 # mm, fixed -> moving), OUT/warped.nii.gz (the tool's own warped moving image) and
 # OUT/child.json (seconds, peak).
 
-def _peak_kb() -> int:
-    """This process's own peak resident set (VmHWM; ru_maxrss would count the parent's at fork)."""
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM")).split()[1])
-
-
 def _child_ours(fixed, moving, out, threads, opts):
     import torch
     torch.set_num_threads(threads)
@@ -410,46 +405,19 @@ def child_main(argv) -> int:
     out, threads, opts = Path(out).resolve(), int(threads), json.loads(opts)
     os.chdir(out)  # tools that drop files in the working folder drop them here
     if method in ("demons", "ants", "elastix"):  # the brain benchmark's peers, unchanged
-        sys.path.insert(0, str(HERE))
-        import bench_brain
         runner = {"demons": bench_brain._child_demons, "ants": bench_brain._child_ants,
                   "elastix": bench_brain._child_elastix}[method]
     else:
         runner = {"ours": _child_ours, "greedy": _child_greedy,
                   "fireants": _child_fireants}[method]
     seconds, extra = runner(fixed, moving, out, threads, opts)
-    (out / "child.json").write_text(json.dumps({"seconds": seconds, "peak_kb": _peak_kb(),
+    (out / "child.json").write_text(json.dumps({"seconds": seconds, "peak_kb": bench_brain._peak_kb(),
                                                 **extra}))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # Parent side.
-
-def run_child(python: str, method: str, fixed: str, moving: str, out: Path, threads: int,
-              opts: dict) -> dict:
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads),
-               ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join([str(ENGINE), str(HERE)] + [p for p in os.environ.get(
-                   "PYTHONPATH", "").split(os.pathsep) if p]))
-    t0 = time.perf_counter()
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "_child", method, fixed,
-                           moving, str(out), str(threads), json.dumps(opts)],
-                          capture_output=True, text=True, env=env)
-    process_seconds = time.perf_counter() - t0
-    (out / "child.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode or not (out / "child.json").exists():
-        raise RuntimeError(f"{method} child failed (exit {proc.returncode}):\n"
-                           f"{(proc.stderr or proc.stdout)[-3000:]}")
-    info = json.loads((out / "child.json").read_text())
-    info["process_seconds"] = process_seconds
-    info["peak_gb"] = info.pop("peak_kb") / 1024 ** 2
-    return info
-
 
 def _warp(image, reference, disp, nearest: bool):
     import SimpleITK as sitk
@@ -644,17 +612,6 @@ def save_results(summary, current, ours_args, argv, path=None) -> None:
           "<!-- results:real_pairs --> block; python benchmarks/results.py --write-readme)")
 
 
-def _engine_version() -> str:
-    """Commit of the engine's repository, "+dirty" when EOIRRegistration/ has local changes."""
-    try:
-        run = lambda *a: subprocess.run(["git", "-C", str(ENGINE), *a], capture_output=True,  # noqa: E731
-                                        text=True, check=True).stdout.strip()
-        return run("rev-parse", "--short", "HEAD") + ("+dirty" if run(
-            "status", "--porcelain", "--", ".") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _ours_arg(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name or any(c in name for c in " /:<~"):
@@ -767,7 +724,7 @@ def main(argv=None) -> int:
                             downsample=ds, mni_skull=args.mni_skull)
         common = {"downsample": ds, "threads": args.threads,
                   "date": time.strftime("%Y-%m-%d %H:%M"), "mni_skull": args.mni_skull}
-        engine = _engine_version()
+        engine = bench_brain._engine_version()
         for pair in pairs:
             f_name, m_name = split_pair(pair)
             fixed, moving = vols[f_name], vols[m_name]
@@ -778,8 +735,8 @@ def main(argv=None) -> int:
                 python = args.peer_python if group in PEER_VENV else sys.executable
                 print(f"  {pair}: {method} ...", end=" ", flush=True)
                 try:
-                    res = run_child(python, group, fixed["image"], moving["image"], out,
-                                    args.threads, opts)
+                    res = bench_brain.run_child(python, group, fixed["image"], moving["image"],
+                                                out, args.threads, opts, script=__file__)
                 except RuntimeError as exc:
                     print(f"FAILED\n{exc}")
                     continue
