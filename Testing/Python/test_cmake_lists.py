@@ -1,5 +1,6 @@
-"""Packaging checks: the CMake lists name exactly the module's files, the extension description is
-complete and agrees with CMake, and the images and licence the Extensions Index asks for exist."""
+"""Packaging checks: the CMake lists name exactly the module's files, the top-level CMakeLists.txt
+is an extension with its metadata, and the images and licence the Extensions Index asks for exist
+(the catalog entry itself: test_extension_catalog.py)."""
 from __future__ import annotations
 
 import re
@@ -119,34 +120,6 @@ def test_top_level_cmake_is_an_extension(module_cmake):
             assert f"add_subdirectory({sub.name})" in code, sub.name
 
 
-def read_s4ext() -> dict:
-    fields = {}
-    for line in (ROOT / f"{MODULE_NAME}.s4ext").read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition(" ")
-            fields[key] = value.strip()
-    return fields
-
-
-def test_s4ext_has_every_field_and_agrees_with_cmake():
-    fields = read_s4ext()
-    required = ["scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage",
-                "contributors", "category", "iconurl", "status", "description", "screenshoturls",
-                "enabled"]
-    assert not [k for k in required if not fields.get(k)], fields
-    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
-    assert fields["category"] == cmake_string(cmake, "EXTENSION_CATEGORY")
-    assert fields["depends"].split() == cmake_string(cmake, "EXTENSION_DEPENDS").split()
-    assert fields["description"] == cmake_string(cmake, "EXTENSION_DESCRIPTION")
-    assert fields["iconurl"] == cmake_string(cmake, "EXTENSION_ICONURL")
-    assert fields["homepage"] == cmake_string(cmake, "EXTENSION_HOMEPAGE")
-    assert fields["screenshoturls"].split() == cmake_string(cmake, "EXTENSION_SCREENSHOTURLS").split()
-    assert fields["scm"] == "git" and fields["enabled"] in ("0", "1")
-    # Extensions Index rule: the extension name does not start with "Slicer", the repository does
-    assert not MODULE_NAME.startswith("Slicer")
-    assert re.search(r"/Slicer[^/]+\.git$", fields["scmurl"])
-
-
 def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()[:24]
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
@@ -154,8 +127,8 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_icons_screenshot_and_licence_exist():
-    fields = read_s4ext()
-    for url in [fields["iconurl"], *fields["screenshoturls"].split()]:
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    for url in [cmake_string(cmake, "EXTENSION_ICONURL"), *cmake_string(cmake, "EXTENSION_SCREENSHOTURLS").split()]:
         # raw.githubusercontent.com/<owner>/<repo>/<branch>/<path in this repository>
         rel = url.split("/", 6)[-1]
         assert (ROOT / rel).is_file(), f"{url} points to {rel}, which is not in the repository"
@@ -170,6 +143,6 @@ def test_icons_screenshot_and_licence_exist():
 
 def test_packaging_files_use_lf_line_endings():
     for path in [ROOT / "CMakeLists.txt", MODULE_DIR / "CMakeLists.txt",
-                 ROOT / f"{MODULE_NAME}.s4ext", ROOT / "LICENSE",
+                 ROOT / f"{MODULE_NAME}.json", ROOT / "LICENSE",
                  MODULE_DIR / "Resources" / "UI" / f"{MODULE_NAME}.ui", MODULE_DIR / f"{MODULE_NAME}.py"]:
         assert b"\r\n" not in path.read_bytes(), path
