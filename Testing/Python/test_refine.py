@@ -1,5 +1,4 @@
 """Instance optimisation (engine/refine.py): LNCC for one contrast, MIND-SSC for two."""
-import json
 
 import numpy as np
 import pytest
@@ -89,71 +88,6 @@ def test_the_default_refinement_improves_a_deformed_pair_in_a_few_steps():
     assert RefineConfig().resolved().iterations == 10
     assert _dice(u, fl, ml) > before + 0.15, (before, _dice(u, fl, ml))  # measured 0.46 -> 0.73
     assert qa.folding_fraction(metrics.jacobian_determinant_voxel(u)) == 0.0
-
-
-def test_every_front_end_uses_the_engines_default_refinement(tmp_path, monkeypatch):
-    """The defaults are defined once (engine/options.py) and the CLI's --help states them; the
-    CLI, the Slicer logic and its worker leave the choice to the engine."""
-    import inspect
-
-    import SimpleITK as sitk
-
-    from EOIRRegistrationLib.cli import register as register_cli
-    from EOIRRegistrationLib.core.errors import InputError
-    from EOIRRegistrationLib.engine import options as options_module
-    from EOIRRegistrationLib.engine import pipeline, refine
-    from EOIRRegistrationLib.engine.options import RegistrationOptions
-    from EOIRRegistrationLib.slicer import logic as slicer_logic
-    from EOIRRegistrationLib.slicer import worker as slicer_worker
-
-    help_text = " ".join(register_cli.parser().format_help().split())
-    assert (f"MIND-SSC steps (default {options_module.DEFAULT_REFINE_ITERATIONS_ALONE} without "
-            f"the network, {options_module.DEFAULT_REFINE_ITERATIONS} after it)" in help_text)
-    assert "--preset {fast,default,accurate}" in help_text
-    # every front end leaves the steps and the similarity to the engine, which picks them by
-    # contrast: the preset's multi-scale LNCC schedule for one, 40 MIND-SSC steps for two
-    args = register_cli.parser().parse_args(["f", "m", "--output-dir", "o"])
-    assert args.refine is None and args.refine_similarity is None
-    assert register_cli.options_from_args(args) == RegistrationOptions()
-    assert inspect.signature(pipeline.register).parameters["options"].default is None
-    assert inspect.signature(
-        slicer_logic.RegistrationLogic.registerVolumes).parameters["options"].default is None
-    assert refine.config_from_options(RegistrationOptions()) == RefineConfig()
-    # the Slicer worker registers with the options of its job file, as given
-    seen = []
-
-    def spy_engine(fixed, moving, options, **kwargs):
-        seen.append(options)
-        raise InputError("stop here")
-    monkeypatch.setattr(slicer_worker, "_engine", lambda spec: spy_engine)
-    image = sitk.GetImageFromArray(np.random.default_rng(0).random((4, 5, 6)).astype(np.float32))
-    for job_options in (RegistrationOptions(), RegistrationOptions(refine_iterations=0),
-                        RegistrationOptions(refine_iterations=7, refine_seconds=2.5,
-                                            refine_similarity="mind")):
-        job_dir = tmp_path / f"job{len(seen)}"
-        job_dir.mkdir()
-        for name in ("fixed", "moving"):
-            sitk.WriteImage(image, str(job_dir / f"{name}.mha"))
-        (job_dir / slicer_worker.JOB_FILE).write_text(json.dumps(
-            {"options": job_options.to_dict(), "engine": None, "fixed": "fixed.mha",
-             "moving": "moving.mha", "labels": None}))
-        assert slicer_worker.run(job_dir) == slicer_worker.EXIT_ERROR
-        assert seen[-1] == job_options
-    assert refine.config_from_options(seen[0]) == RefineConfig()
-    assert refine.config_from_options(seen[1]) is None
-    # one rule turns every front end's options into the engine's refinement
-    assert refine.config_from_options(RegistrationOptions(
-        refine_iterations=0, refine_seconds=5.0, refine_similarity="mind")) is None
-    assert refine.config_from_options(seen[2]) == RefineConfig(
-        iterations=7, time_budget_s=2.5, similarity="mind")
-    assert RefineConfig().resolved(after_network=True, same_contrast=True) == RefineConfig(
-        iterations=options_module.DEFAULT_REFINE_ITERATIONS, similarity="lncc",
-        sample_fraction=1.0)
-    assert RefineConfig().resolved(after_network=False, same_contrast=False) == RefineConfig(
-        iterations=options_module.DEFAULT_REFINE_ITERATIONS_ALONE, similarity="mind",
-        sample_fraction=refine.SAMPLE_FRACTION)
-    assert RefineConfig(iterations=3, similarity="lncc").resolved(False, False) == RefineConfig(
-        iterations=3, similarity="lncc", sample_fraction=1.0)  # explicit choices stay
 
 
 def test_the_written_out_adam_matches_torch_optim_adam():

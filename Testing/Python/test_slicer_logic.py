@@ -16,12 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-slicer = pytest.importorskip("slicer")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("slicer-core is not installed", allow_module_level=True)
-
 import SimpleITK as sitk  # noqa: E402
+import slicer  # slicer-core: Slicer's MRML core (a dev requirement; not skipped when missing)
 from helpers import registration_result  # noqa: E402
 
 from EOIRRegistrationLib.core import qa  # noqa: E402
