@@ -200,6 +200,15 @@ def _cli_cases(tmp_path, pair):
     outside = _write(_moved(moving_labels, (90.0, 0, 0)), tmp_path / "outside.nii.gz")
     cases.append(([f, m, "--moving-labels", outside],
                   "no labelled voxel of the moving label map lies inside the moving image's"))
+    # a moving image twice as wide as the fixed one, labelled only where the fixed one is not
+    wide = sitk.Resample(moving, [64, 32, 32], sitk.Transform(), sitk.sitkLinear, (-64.0, 0, 0),
+                         (2.0, 2.0, 2.0))
+    box = np.zeros((32, 32, 64), np.uint8)
+    box[8:24, 8:24, 4:24] = 3  # x from -56 to -18 mm: the fixed grid spans 0 to 62 mm
+    cases.append(([f, _write(wide, tmp_path / "wide.nii.gz"), "--init", "none", "--moving-labels",
+                   _write(_with_values(wide, box), tmp_path / "box.nii.gz")],
+                  "no labelled voxel of the moving label map lies inside the fixed image's field "
+                  "of view as given (no initial alignment)"))
     return cases
 
 
