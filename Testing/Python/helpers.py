@@ -85,3 +85,47 @@ def registration_result(fixed, moving, displacement, moving_labels=None, options
         folding=sitk.Cast(jacobian <= 0, sitk.sitkUInt8), warped_labels=labels,
         qa=jacobian_summary(sitk.GetArrayFromImage(jacobian)),
         options=RegistrationOptions() if options is None else options, **fields)
+
+
+def smooth_blobs(seed=0, shift_mm=(0.0, 0.0, 0.0), size=32, spacing=2.0, count=4, width=8.0,
+                 transform=None):
+    """A phantom of smooth Gaussian blobs on a zero background, on an axis-aligned grid at the
+    origin (LPS mm). ``image(y) = sum_b a_b exp(-|T(y) - c_b|^2 / (2 s_b^2))`` with
+    ``T(y) = y + shift_mm``, or ``transform.TransformPoint`` when given; the same seed draws the
+    same blobs, so ``moving(y) = fixed(T(y))``: the fixed -> moving map is ``T^-1``. Labels: the
+    strongest blob where it exceeds 0.3. Returns (image float32, labels uint8)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0.3, 0.7, (count, 3)) * size * spacing
+    sigmas = rng.uniform(0.6, 1.4, count) * width
+    amplitudes = rng.uniform(0.5, 1.0, count)
+    kji = np.stack(np.meshgrid(*[np.arange(size) * spacing] * 3, indexing="ij"), -1)
+    y = kji[..., ::-1].reshape(-1, 3)  # LPS (x, y, z) of each voxel, array order
+    if transform is None:
+        y = y + np.asarray(shift_mm)
+    else:
+        y = np.array([transform.TransformPoint(tuple(p)) for p in y])
+    g = np.stack([a * np.exp(-((y - c) ** 2).sum(-1) / (2 * s * s))
+                  for c, s, a in zip(centres, sigmas, amplitudes)]).reshape(count, *[size] * 3)
+    labels = np.where(g.max(0) > 0.3, g.argmax(0) + 1, 0).astype(np.uint8)
+
+    def image(arr):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((spacing,) * 3)
+        return img
+    return image(g.sum(0).astype(np.float32)), image(labels)
+
+
+def mean_dice(a: sitk.Image, b: sitk.Image) -> float:
+    """Mean Dice over the nonzero labels of ``a`` (arrays on the same grid)."""
+    x, y = sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b)
+    values = [v for v in np.unique(x) if v != 0]
+    return float(np.mean([2 * np.sum((x == v) & (y == v)) / (np.sum(x == v) + np.sum(y == v))
+                          for v in values]))
+
+
+def affine_transform(a):
+    """A 4x4 fixed -> moving matrix as a SimpleITK transform."""
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(np.asarray(a)[:3, :3].ravel().tolist())
+    tx.SetTranslation(np.asarray(a)[:3, 3].tolist())
+    return tx

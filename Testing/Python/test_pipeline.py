@@ -331,9 +331,10 @@ def test_auto_alignment_keeps_the_identity_when_the_affine_is_worse(tmp_path, mo
     fixed, labels, moving, truth = _rotated_pair(0.0, (0.0, 0.0, 0.0))
     bad = np.eye(4)
     bad[:3, 3] = (30.0, -20.0, 10.0)  # an optimiser result far off
-    monkeypatch.setattr(alignment, "_optimised_coarse", lambda *a, **k: bad)
-    a, used = alignment.initial_alignment(fixed, moving, "auto")
-    assert used == "none" and np.array_equal(a, np.eye(4))
+    monkeypatch.setattr(alignment, "_rigid_and_affine", lambda *a, **k: (bad, bad))
+    chosen = alignment.choose_alignment(fixed, moving, "auto")
+    assert chosen.method == "none" and np.array_equal(chosen.matrix, np.eye(4))
+    assert "rejected the affine" in chosen.note and "the rigid" in chosen.note
     assert alignment.largest_shift_mm(bad, geometry.Grid.from_image(fixed)) > 30
 
 

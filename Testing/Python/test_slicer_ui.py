@@ -628,3 +628,9 @@ def test_results_say_which_contrast_path_ran(module_with_stub_application):
     widget._showResults(RegistrationOutputs(transformNode=node, result=result), 12.0)
     assert widget.ui.statusLabel.text.endswith(
         "shown through it. Same contrast: network + LNCC refinement, 10 steps.")
+    # the engine's warnings (a partial overlap of the inputs) follow the method
+    result.warnings = ["only 38 % of the fixed image's field of view lies inside the moving image"]
+    widget._showResults(RegistrationOutputs(transformNode=node, result=result), 12.0)
+    assert widget.ui.statusLabel.text.endswith(
+        "10 steps. WARNING: only 38 % of the fixed image's field of view lies inside the moving "
+        "image.")

@@ -23,6 +23,7 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
 
     from EOIRRegistrationLib import __version__
     from EOIRRegistrationLib.core import qa
+    from EOIRRegistrationLib.engine.checks import check_image, check_labels_on
     from EOIRRegistrationLib.engine.modelfile import resolve_model
     from EOIRRegistrationLib.engine.pipeline import register
     t0 = time.perf_counter()
@@ -31,6 +32,10 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
     moving = read_image(moving_path, "moving image")
     moving_lab = read_image(moving_labels, "moving label map") if moving_labels else None
     fixed_lab = read_image(fixed_labels, "fixed label map") if fixed_labels else None
+    label_warnings = []
+    if fixed_lab is not None:  # the engine checks the moving labels; these only serve the Dice
+        check_image(fixed_lab, "fixed label map", labels=True)
+        label_warnings = check_labels_on(fixed_lab, fixed, "fixed label map", "fixed image")
     loaded = resolve_model(options.model)
     t_read = time.perf_counter() - t0
     result = register(fixed, moving, options, moving_labels=moving_lab, loaded_model=loaded,
@@ -57,9 +62,11 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
         "network": result.network,
         "refinement": result.refinement,
         "initial_alignment": result.initial_alignment,
+        "initial_alignment_note": result.initial_alignment_note,
         "initial_matrix_lps": described["initial_matrix"],
         "quality": result.qa,
         "seconds": {"reading inputs": round(t_read, 3), **result.timings},
+        "warnings": label_warnings + list(result.warnings),
     }
     if fixed_lab is not None and result.warped_labels is not None:
         on_fixed = lambda image: sitk.GetArrayFromImage(sitk.Resample(  # noqa: E731
@@ -118,8 +125,11 @@ def summary(report: dict) -> str:
              f"det in [{q['jacobian_min']:.3f}, {q['jacobian_max']:.3f}]"]
     how = "auto" if report["contrast"]["requested"] == "auto" else "as requested"
     lines.append(f"{report['method']} [{how}]")
+    if report.get("initial_alignment_note"):
+        lines.append(f"initial alignment: {report['initial_alignment_note']}")
     if "dice" in report:
         d = report["dice"]
         lines.append(f"mean Dice over {d['labels']} labels: {d['mean_before']:.3f} -> "
                      f"{d['mean_after']:.3f}")
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)

@@ -20,12 +20,30 @@ def window_of(image: torch.Tensor, spec: dict = DEFAULT_NORMALIZATION) -> tuple[
     if method == "minmax":
         return float(flat.min()), float(flat.max())
     if method == "percentile":
-        # Large volumes are subsampled deterministically. numpy selects (introselect) where
-        # torch.quantile sorts: 10x faster, same linear interpolation between order statistics.
-        step = max(1, flat.numel() // 4_000_000)
-        q = np.percentile(flat[::step].cpu().numpy(), [spec["low"], spec["high"]])
-        return float(q[0]), float(q[1])
+        return percentile_window(flat.cpu().numpy(), spec["low"], spec["high"])
     raise ValueError(f"unknown intensity normalisation method {method!r}")
+
+
+def percentile_window(values: np.ndarray, low: float = DEFAULT_NORMALIZATION["low"],
+                      high: float = DEFAULT_NORMALIZATION["high"]) -> tuple[float, float]:
+    """Percentiles ``low`` and ``high`` of ``values`` (any shape): a window that a few extreme
+    voxels cannot move. Large volumes are subsampled deterministically. numpy selects
+    (introselect) where torch.quantile sorts: 10x faster, same linear interpolation between
+    order statistics."""
+    flat = np.asarray(values).reshape(-1)
+    step = max(1, flat.size // 4_000_000)
+    q = np.percentile(flat[::step], [low, high])
+    return float(q[0]), float(q[1])
+
+
+def outlier_bounds(window: tuple[float, float]) -> tuple[float, float]:
+    """Values farther outside ``window`` than its width are outliers (one voxel of 1e30 in an
+    MR image): clamped to these bounds before anything smooths or averages the image, so that
+    they cannot brighten their neighbourhood. Ordinary bright or dark tissue is rarely that far
+    out, so it is left as it is."""
+    low, high = window
+    width = high - low
+    return low - width, high + width
 
 
 def normalize(image: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:

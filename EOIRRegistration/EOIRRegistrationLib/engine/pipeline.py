@@ -30,9 +30,10 @@ import torch
 
 from EOIRRegistrationLib.core import geometry, metrics, qa, spatial
 from EOIRRegistrationLib.core.errors import DeviceError, InputError, RegistrationCancelled
-from EOIRRegistrationLib.core.intensity import normalize, window_of
-from EOIRRegistrationLib.engine import alignment, optimise
+from EOIRRegistrationLib.core.intensity import normalize, outlier_bounds, window_of
+from EOIRRegistrationLib.engine import alignment, checks, optimise
 from EOIRRegistrationLib.engine import contrast as contrast_test
+from EOIRRegistrationLib.engine.checks import check_image
 from EOIRRegistrationLib.engine.devices import is_out_of_memory, resolve_device
 from EOIRRegistrationLib.engine.modelfile import LoadedModel, resolve_model
 from EOIRRegistrationLib.engine.options import (
@@ -46,34 +47,6 @@ from EOIRRegistrationLib.engine.result import RegistrationResult
 ProgressCallback = Callable[[str, float], None]
 STAGES = ("loading model", "preparing images", "registering", "refining", "resampling",
           "quality figures")
-
-
-def check_image(image, role: str, labels: bool = False) -> sitk.Image:
-    """Refuse inputs the engine cannot register, with the reason."""
-    if not isinstance(image, sitk.Image):
-        raise InputError(f"{role} must be a SimpleITK image, got {type(image).__name__}")
-    if image.GetDimension() != 3:
-        raise InputError(f"{role} is {image.GetDimension()}D with size {image.GetSize()}; "
-                         "EOIRRegistration registers 3D volumes (extract one 3D volume first)")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{role} has {image.GetNumberOfComponentsPerPixel()} components per "
-                         "voxel; a scalar volume is required")
-    if min(image.GetSize()) < 2:
-        raise InputError(f"{role} has size {image.GetSize()}; every axis needs at least 2 voxels")
-    if min(image.GetSpacing()) <= 0:
-        raise InputError(f"{role} has non-positive spacing {image.GetSpacing()}")
-    if abs(abs(np.linalg.det(np.reshape(image.GetDirection(), (3, 3)))) - 1) > 1e-3:
-        raise InputError(f"{role} has a direction matrix that is not a rotation/reflection")
-    arr = sitk.GetArrayViewFromImage(image)
-    if not labels:
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise InputError(f"{role} contains NaN or infinite values")
-        if float(arr.min()) == float(arr.max()):
-            raise InputError(f"{role} is constant (every voxel is {float(arr.min())}): "
-                             "nothing to register")
-    elif arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise InputError(f"{role} contains NaN or infinite values")
-    return image
 
 
 def _cancelled(cancel) -> bool:
@@ -208,19 +181,41 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
     options = options_of(options, **option_changes)
     check_image(fixed, "fixed image")
     check_image(moving, "moving image")
+    warnings = []
     if moving_labels is not None:
         check_image(moving_labels, "moving label map", labels=True)
+        warnings += checks.check_labels_on(moving_labels, moving, "moving label map",
+                                           "moving image")
     threads = torch.get_num_threads()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     try:
         return _register(fixed, moving, options, moving_labels, loaded_model,
-                         _Stages(progress, cancel))
+                         _Stages(progress, cancel), warnings)
     finally:
         torch.set_num_threads(threads)
 
 
-def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded, stages):
+def _clamped(values: torch.Tensor, window, inplace: bool = False) -> torch.Tensor:
+    """``values`` with outliers (``core.intensity.outlier_bounds``) clamped before anything
+    smooths them: one voxel of 1e30 would otherwise brighten its whole neighbourhood at the
+    optimisation's coarse scales. A copy only when something is clamped, unless ``inplace``."""
+    low, high = outlier_bounds(window)
+    if float(values.min()) >= low and float(values.max()) <= high:
+        return values
+    return values.clamp_(low, high) if inplace else values.clamp(low, high)
+
+
+def _alignment_words(chosen: alignment.Alignment) -> str:
+    """How the images were placed, for the overlap messages."""
+    if chosen.method == "none":
+        return ("as given (no initial alignment)" if not chosen.note
+                else "as given (the automatic alignment kept them in place)")
+    return f"after the initial alignment ({chosen.method})"
+
+
+def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded, stages,
+              warnings):
     progress, cancel = stages.progress, stages.cancel
     refine = config_from_options(options)
     network = options.network
@@ -235,8 +230,14 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
     spacing = options.working_spacing or loaded.working_spacing
 
     stages.start("preparing images")
-    a, alignment_used = alignment.initial_alignment(fixed, moving, options.initial_alignment,
-                                                    options.initial_transform)
+    chosen = alignment.choose_alignment(fixed, moving, options.initial_alignment,
+                                        options.initial_transform)
+    a, how = chosen.matrix, _alignment_words(chosen)
+    warnings += [chosen.warning] if chosen.warning else []
+    warnings += checks.check_overlap(fixed, moving, a, how)
+    if moving_labels is not None:
+        warnings += checks.check_labels_on(moving_labels, fixed, "moving label map",
+                                           "fixed image", a, how)
     affine = None if np.allclose(a, np.eye(4)) else a
     fixed_grid = geometry.Grid.from_image(fixed)
     wgrid = geometry.working_grid(fixed_grid, spacing, multiple=loaded.model.size_multiple)
@@ -250,8 +251,11 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
             raise InputError(f"the {role} image's intensity window {window} is empty (high must "
                              "exceed low); most voxels may share one value")
         windows.append(window)
+    # Outliers clamped for the registration; the warped output keeps the moving image's values.
+    fixed_t = _clamped(fixed_t, windows[0], inplace=True)
+    moving_c = _clamped(moving_t, windows[1])
     fixed_w = normalize(_to_working(fixed, fixed_t, wgrid), windows[0])
-    moving_w = normalize(_to_working(moving, moving_t, wgrid, affine), windows[1])
+    moving_w = normalize(_to_working(moving, moving_c, wgrid, affine), windows[1])
     contrast, correlation = contrast_test.decide(options.contrast, fixed_w, moving_w)
     if network is None:
         network = contrast == "same" or refine is None or agnostic
@@ -276,7 +280,7 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
         if multiscale:
             schedule = optimise.schedule_of(options.preset, options.refine_iterations)
             start = (_working_mm(u, wgrid), wgrid) if network else None
-            level_images = _level_images(fixed_t, fixed_grid, moving_t,
+            level_images = _level_images(fixed_t, fixed_grid, moving_c,
                                          geometry.Grid.from_image(moving), affine, windows)
             disp, dev = _with_cpu_fallback(
                 lambda d: optimise.optimise(*level_images, fixed_grid, schedule, start=start,
@@ -295,7 +299,7 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
                           "sample_fraction": refine.sample_fraction}
         if _cancelled(cancel):
             raise RegistrationCancelled("registration cancelled while refining")
-    del fixed_w, moving_w, fixed_t
+    del fixed_w, moving_w, fixed_t, moving_c
 
     stages.start("resampling")
     if disp is None:  # the working grid's field -> LPS mm interpolated at the fixed grid's voxels
@@ -316,6 +320,9 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
         del coords
         warped_labels = geometry.tensor_to_image(lab.round().numpy(), fixed_grid,
                                                  moving_labels.GetPixelID())
+        if not bool(lab.any()) and sitk.GetArrayViewFromImage(moving_labels).any():
+            warnings.append("the warped labels are empty: the deformation moved every "
+                            "labelled voxel out of the fixed image's field of view")
 
     stages.start("quality figures")
     det = metrics.jacobian_determinant(disp, fixed_grid)
@@ -327,9 +334,9 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
         warped_labels=warped_labels, qa=qa.jacobian_summary(det.numpy()), options=options,
         model_name=loaded.name, device=str(dev), working_size=tuple(wgrid.size),
         working_spacing=tuple(wgrid.spacing), initial_matrix=a,
-        initial_alignment=alignment_used, network=network, contrast=contrast,
-        contrast_correlation=correlation,
-        refinement=refinement)
+        initial_alignment=chosen.method, initial_alignment_note=chosen.note,
+        network=network, contrast=contrast, contrast_correlation=correlation,
+        refinement=refinement, warnings=list(warnings))
     stages.done()
     result.timings = dict(stages.timings)
     return result

@@ -44,6 +44,7 @@ class RegistrationResult:
     working_spacing: tuple = ()     # mm
     initial_matrix: np.ndarray = field(default_factory=lambda: np.eye(4))
     initial_alignment: str = "none"  # the method that produced it ("auto" resolved; "given")
+    initial_alignment_note: str = ""  # "auto": what it rejected and chose, and why
     network: bool = True            # whether the network ran
     contrast: str = "same"          # "same" or "different" ("auto" resolved)
     contrast_correlation: float = math.nan  # the figure "auto" decides on (engine/contrast.py)
@@ -51,6 +52,9 @@ class RegistrationResult:
     #: scales_mm, iterations (per scale)}; two {similarity "mind", iterations, sample_fraction}
     refinement: dict | None = None
     timings: dict = field(default_factory=dict)  # stage -> seconds
+    #: what the user must know about this result (a partial overlap of the inputs, a doubtful
+    #: requested alignment): the command line prints them and writes them to report.json
+    warnings: list = field(default_factory=list)
 
     @property
     def method(self) -> str:
@@ -72,11 +76,11 @@ class RegistrationResult:
         return f"{head}{why}: {'network + ' if self.network else ''}{steps}"
 
     def summary(self) -> str:
-        """The method and the QA figures in one line."""
+        """The method, the QA figures and any warnings in one line."""
         qa = self.qa
         return (f"{self.method}; folding {qa['folding_percent']:.3f} % of voxels, SDlogJ "
                 f"{qa['sdlogj']:.3f}, det(J) in [{qa['jacobian_min']:.3f}, "
-                f"{qa['jacobian_max']:.3f}]")
+                f"{qa['jacobian_max']:.3f}]" + "".join(f"; WARNING: {w}" for w in self.warnings))
 
     def describe(self) -> dict:
         """Everything but the images, as plain JSON types."""
@@ -89,6 +93,7 @@ class RegistrationResult:
             "working_spacing": [float(v) for v in self.working_spacing],
             "initial_matrix": np.asarray(self.initial_matrix, dtype=np.float64).tolist(),
             "initial_alignment": self.initial_alignment,
+            "initial_alignment_note": self.initial_alignment_note,
             "network": bool(self.network),
             "contrast": self.contrast,
             "contrast_correlation": None if r is None or math.isnan(r) else float(r),
@@ -96,6 +101,7 @@ class RegistrationResult:
             "method": self.method,
             "qa": {k: float(v) for k, v in self.qa.items()},
             "timings": {k: float(v) for k, v in self.timings.items()},
+            "warnings": [str(w) for w in self.warnings],
         }
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -124,10 +130,13 @@ class RegistrationResult:
                    working_size=tuple(info["working_size"]),
                    working_spacing=tuple(info["working_spacing"]),
                    initial_matrix=np.array(info["initial_matrix"], dtype=np.float64),
-                   initial_alignment=info["initial_alignment"], network=info["network"],
+                   initial_alignment=info["initial_alignment"],
+                   initial_alignment_note=info.get("initial_alignment_note", ""),
+                   network=info["network"],
                    contrast=info["contrast"],
                    contrast_correlation=math.nan if r is None else float(r),
-                   refinement=info["refinement"], timings=dict(info["timings"]))
+                   refinement=info["refinement"], timings=dict(info["timings"]),
+                   warnings=list(info.get("warnings", [])))
 
     @classmethod
     def saved_in(cls, folder: str | os.PathLike) -> bool:

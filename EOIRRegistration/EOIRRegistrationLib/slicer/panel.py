@@ -49,7 +49,8 @@ def resultTexts(outputs, seconds: float) -> dict:
         "jacobianRangeValueLabel": f"{qa['jacobian_min']:.3f} / {qa['jacobian_max']:.3f}",
         "runValueLabel": f"{result.model_name} on {result.device}, {seconds:.1f} s",
         "statusLabel": (f"Done: '{outputs.transformNode.GetName()}' holds the result; the moving "
-                        f"volume is shown through it.{method}"),
+                        f"volume is shown through it.{method}"
+                        + "".join(f" WARNING: {w}." for w in result.warnings)),
     }
 
 
