@@ -271,6 +271,18 @@ def test_a_swap_cut_between_its_renames_is_restored(pair, references, tmp_path, 
     assert fingerprint(out) == {"report.json": 7, USER_FILE: references[1][USER_FILE]}
 
 
+def test_the_current_folder_is_refused_as_the_output_folder(pair, tmp_path, monkeypatch, capsys):
+    """The swap replaces the folder itself: a shell inside it would be left in a deleted one."""
+    inside = tmp_path / "work" / "here"
+    inside.mkdir(parents=True)
+    monkeypatch.chdir(inside)
+    for out in (".", ".."):
+        assert register_cli.main(command(pair, out, 1)[4:]) == 2
+        assert "holds the current folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.joinpath("work").iterdir()) == ["here"]
+    assert list(inside.iterdir()) == []
+
+
 def test_running_out_of_memory_is_a_clear_error(pair, tmp_path):
     """A registration whose working grid (0.05 mm over a 40 x 32 x 24 mm field: 150 million
     voxels) needs more memory than the process may have (RLIMIT_AS: what it holds after the

@@ -8,7 +8,8 @@
   processes that are gone are deleted, and a folder set aside by a swap that was cut between its
   renames (``.NAME.old-PID``) is renamed back (the previous set) when the output folder is
   missing, deleted otherwise;
-- a folder that holds anything needs ``overwrite``.
+- a folder that holds anything needs ``overwrite``; the current folder (or one above it) is
+  refused, since the swap replaces the folder itself.
 
 ``folder.commit(files)`` runs each writer into a new staging folder beside the output, checks
 each file (``written.check_written``: ITK's NIfTI writer does not raise on a full disk), links
@@ -171,6 +172,10 @@ class OutputFolder:
         out = self.path
         if out.exists() and not out.is_dir():
             raise InputError(f"--output-dir {out} exists and is not a folder")
+        cwd = Path.cwd().resolve()
+        if out.is_dir() and (cwd == out.resolve() or out.resolve() in cwd.parents):
+            raise InputError(f"--output-dir {out} holds the current folder; the outputs replace "
+                             "the output folder as a whole: choose a folder of their own")
         parent = out.parent
         while not parent.exists():
             self._created.append(parent)
