@@ -11,7 +11,7 @@ import torch
 from helpers import oblique_image, write_tiny_model
 
 from EOIRRegistrationLib.cli import register as register_cli
-from EOIRRegistrationLib.core.errors import InputError
+from EOIRRegistrationLib.core.errors import InputError, OutputError
 from EOIRRegistrationLib.engine import optimise, refine
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
@@ -265,15 +265,17 @@ def test_a_rerun_with_overwrite_leaves_no_stale_output(files, tmp_path):
                                                "report.json", "notes.txt"}
 
 
-def test_write_outputs_replaces_the_named_files_all_or_nothing(tmp_path):
-    """cli.files.write_outputs: the files named in ``replaces`` but not written this time are
-    removed, any other file is kept; a writer that fails leaves the folder as it was."""
-    from EOIRRegistrationLib.cli import files as cli_files
+def test_output_folder_replaces_the_named_files_all_or_nothing(tmp_path):
+    """cli.outputfolder.OutputFolder: the files named by the command but not written this time
+    are removed, any other file is kept; a writer that fails leaves the folder as it was; the
+    run leaves nothing beside the folder (staging, lock)."""
+    from EOIRRegistrationLib.cli.outputfolder import OutputFolder
 
     out = tmp_path / "out"
     out.mkdir()
     for name, text in (("a.txt", "old a"), ("b.txt", "old b"), ("notes.txt", "user data")):
         (out / name).write_text(text)
+    names = ("a.txt", "b.txt", "c.txt")
 
     def writer(text):
         return lambda path: Path(path).write_text(text)
@@ -281,20 +283,22 @@ def test_write_outputs_replaces_the_named_files_all_or_nothing(tmp_path):
     def broken(path):
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
-        cli_files.write_outputs(out, {"a.txt": writer("new a"), "c.txt": broken},
-                                replaces=("a.txt", "b.txt", "c.txt"))
+    with pytest.raises(OutputError, match="disk full; nothing was changed"):
+        with OutputFolder(out, True, names) as folder:
+            folder.commit({"a.txt": writer("new a"), "c.txt": broken})
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         "a.txt": "old a", "b.txt": "old b", "notes.txt": "user data"}
-    cli_files.write_outputs(out, {"a.txt": writer("new a"), "c.txt": writer("new c")},
-                            replaces=("a.txt", "b.txt", "c.txt"))
+    with OutputFolder(out, True, names) as folder:
+        folder.commit({"a.txt": writer("new a"), "c.txt": writer("new c")})
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         "a.txt": "new a", "c.txt": "new c", "notes.txt": "user data"}
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with pytest.raises(InputError, match="--overwrite"):
-        cli_files.check_output_dir(out, False, ("a.txt",))
-    cli_files.check_output_dir(out, True, ("a.txt",))
-    cli_files.check_output_dir(tmp_path / "new", False, ("a.txt",))
+        with OutputFolder(out, False, ("a.txt",)):
+            pass
+    with OutputFolder(out, True, ("a.txt",)), OutputFolder(tmp_path / "new", False, ("a.txt",)):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_the_command_line_keeps_freed_memory_on_glibc(files, tmp_path, monkeypatch):

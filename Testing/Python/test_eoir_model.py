@@ -1,4 +1,5 @@
 """EOIR faithfulness (parameter and multiply-add counts from the paper) and model files."""
+import os
 import pickle
 
 import pytest
@@ -133,12 +134,19 @@ def test_mismatched_weights_are_reported(saved_model, tmp_path):
 
 
 class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (print, ("code ran while loading",))
+        return (os.mkdir, (self.marker,))
 
 
 def test_model_files_never_execute_code(tmp_path):
     evil = tmp_path / "evil.pt"
-    torch.save({"format": modelfile.FORMAT, "payload": _Exploit()}, evil, pickle_module=pickle)
-    with pytest.raises(ModelFileError, match="not a readable"):
+    marker = tmp_path / "code-ran"
+    torch.save({"format": modelfile.FORMAT, "payload": _Exploit(str(marker))}, evil,
+               pickle_module=pickle)
+    with pytest.raises(ModelFileError, match="refused: it holds a reference to posix.mkdir") as err:
         modelfile.load_model(evil)
+    assert "weights_only" not in str(err.value) and err.value.__cause__ is None
+    assert not marker.exists()

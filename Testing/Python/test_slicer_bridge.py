@@ -155,6 +155,7 @@ def test_vector_volume_is_refused(scene):
 def engine_warp(moving: sitk.Image, fixed: sitk.Image, displacement: sitk.Image) -> np.ndarray:
     """The engine's own resampler (geometry.py): warped(x) = moving(x + d(x))."""
     import torch
+
     from EOIRRegistrationLib.core import geometry
 
     disp, _ = geometry.displacement_from_image(displacement)

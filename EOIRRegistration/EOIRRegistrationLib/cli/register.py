@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 
+from EOIRRegistrationLib.cli.interrupts import Interrupted, message, raise_on_signals
 from EOIRRegistrationLib.core.errors import EOIRError, InputError
 from EOIRRegistrationLib.engine.allocator import keep_freed_memory
 from EOIRRegistrationLib.engine.options import (
@@ -128,15 +129,19 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     keep_freed_memory()
     from EOIRRegistrationLib.cli.outputs import register_files, summary
-    try:
-        options = options_from_args(args)
-        report = register_files(args.fixed, args.moving, args.output_dir, options,
-                                moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
-                                png=not args.no_png, overwrite=args.overwrite,
-                                progress=stderr_progress(args.quiet))
-    except EOIRError as exc:
-        print(f"eoir-register: error: {exc}", file=sys.stderr)
-        return 2
+    with raise_on_signals():
+        try:
+            options = options_from_args(args)
+            report = register_files(args.fixed, args.moving, args.output_dir, options,
+                                    moving_labels=args.moving_labels,
+                                    fixed_labels=args.fixed_labels, png=not args.no_png,
+                                    overwrite=args.overwrite, progress=stderr_progress(args.quiet))
+        except EOIRError as exc:
+            print(f"eoir-register: error: {exc}", file=sys.stderr)
+            return 2
+        except Interrupted as exc:
+            print(message("eoir-register", exc, args.output_dir), file=sys.stderr)
+            return exc.exit_code
     print(summary(report))
     print(f"outputs in {args.output_dir}")
     return 0

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from EOIRRegistrationLib.cli.interrupts import Interrupted, raise_on_signals
 from EOIRRegistrationLib.core.errors import EOIRError
 from EOIRRegistrationLib.engine.allocator import keep_freed_memory
 from EOIRRegistrationLib.engine.options import DEVICES
@@ -74,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@raise_on_signals()
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     keep_freed_memory()
@@ -110,4 +112,8 @@ def main(argv=None) -> int:
     except (EOIRError, ValueError, json.JSONDecodeError) as exc:
         print(f"eoir-train: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # checkpoints are written whole (modelfile.atomic_torch_save)
+        print(f"eoir-train: interrupted; {args.output_dir} keeps the last checkpoint "
+              "(--resume continues from it)", file=sys.stderr)
+        return exc.exit_code
     return 0

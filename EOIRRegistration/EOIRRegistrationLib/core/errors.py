@@ -9,6 +9,10 @@ class InputError(EOIRError, ValueError):
     """An input image, label map or option is unusable (wrong dimension, NaN, constant, ...)."""
 
 
+class OutputError(EOIRError):
+    """An output could not be written whole (disk full, no permission, another run's folder)."""
+
+
 class ModelFileError(EOIRError):
     """A model file is missing, corrupt, or not an EOIRRegistration model of a known kind."""
 

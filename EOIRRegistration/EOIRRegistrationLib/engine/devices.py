@@ -25,7 +25,17 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     return torch.device(spec)
 
 
+# How a coarser grid is asked for, on the command line and in Slicer.
+COARSER_SPACING = ("a coarser working spacing (eoir-register --working-spacing X Y Z, in mm; "
+                   "Slicer: Advanced > Working spacing)")
+# torch's CPU allocator: "DefaultCPUAllocator: can't allocate memory: you tried to allocate N
+# bytes. Error code 12 (Cannot allocate memory)" (torch 2.13), "not enough memory" (older);
+# CUDA: "CUDA out of memory"; C++ (SimpleITK): std::bad_alloc.
+OUT_OF_MEMORY_TEXTS = ("out of memory", "not enough memory", "can't allocate memory",
+                       "cannot allocate memory", "bad_alloc")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
-            or "not enough memory" in text)  # the last: torch's CPU allocator
+    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+            or any(t in text for t in OUT_OF_MEMORY_TEXTS))

@@ -12,7 +12,11 @@ validation figures and a one-line description. Identity grids are never stored.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,12 +90,7 @@ def read_payload(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt / unsafe files
-        raise ModelFileError(f"{path} is not a readable EOIRRegistration model file (corrupt, "
-                             f"truncated or not made by eoir-train): {exc.__class__.__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    payload = _load_weights_only(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path} is a torch file but not an EOIRRegistration model "
                              f"(missing format tag {FORMAT!r})")
@@ -99,6 +98,39 @@ def read_payload(path: str | os.PathLike) -> dict:
         raise ModelFileError(f"{path} has model format version {payload['format_version']}; "
                              f"this version of EOIRRegistration reads up to {FORMAT_VERSION}")
     return payload
+
+
+def _load_weights_only(path: Path):
+    """``torch.load(weights_only=True)`` with errors of our own: torch's suggest retrying with
+    ``weights_only=False``, which would let the file run code (they are not chained here)."""
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise ModelFileError(f"{path} is not a readable EOIRRegistration model file: not the zip "
+                             f"archive torch.save writes ({path.stat().st_size} bytes: random "
+                             "bytes, another format, or a file cut short in copying)")
+    try:  # torch does not check the archive's CRC-32s: changed bytes would load as weights
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        damaged = f"? ({exc})"
+    if damaged:
+        raise ModelFileError(f"{path} is a damaged model file: its part {damaged} does not "
+                             "match the archive's checksum (changed in copying or on disk)")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols, then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a reference to {found[1]}" if found else "objects"
+        error = ModelFileError(f"{path} is refused: it holds {what} besides tensors and plain "
+                               "data, which could run code when loaded; EOIRRegistration model "
+                               "files hold weights only (eoir-train writes them)")
+    except Exception as exc:  # a damaged archive: torch raises RuntimeError, EOFError, ...
+        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
+        error = ModelFileError(f"{path} is not a readable EOIRRegistration model file (corrupt or "
+                               f"truncated): {exc.__class__.__name__}"
+                               + (f": {first}" if first and "weights_only" not in first else ""))
+    raise error
 
 
 def model_from_payload(payload: dict, path: str | os.PathLike, name: str | None = None) -> LoadedModel:
@@ -110,8 +142,9 @@ def model_from_payload(payload: dict, path: str | os.PathLike, name: str | None 
         model = build_model(arch, payload.get("config", {}))
         model.load_state_dict(payload["state_dict"], strict=True)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise ModelFileError(f"{path}: weights do not match the stored {arch} configuration: "
-                             f"{str(exc).splitlines()[0]}") from exc
+                             f"{' '.join(lines[:2])[:300]}") from exc
     model.eval()
     card = dict(payload.get("card") or {})
     return LoadedModel(name or card.get("name") or Path(path).stem, str(path), arch, model, card)

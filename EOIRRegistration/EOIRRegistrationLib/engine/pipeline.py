@@ -34,7 +34,7 @@ from EOIRRegistrationLib.core.intensity import normalize, outlier_bounds, window
 from EOIRRegistrationLib.engine import alignment, checks, optimise
 from EOIRRegistrationLib.engine import contrast as contrast_test
 from EOIRRegistrationLib.engine.checks import check_image
-from EOIRRegistrationLib.engine.devices import is_out_of_memory, resolve_device
+from EOIRRegistrationLib.engine.devices import COARSER_SPACING, is_out_of_memory, resolve_device
 from EOIRRegistrationLib.engine.modelfile import LoadedModel, resolve_model
 from EOIRRegistrationLib.engine.options import (
     DEFAULT_REFINE_ITERATIONS_ALONE,
@@ -63,6 +63,10 @@ class _Stages:
     def __init__(self, progress: ProgressCallback | None, cancel):
         self.progress, self.cancel, self.timings = progress, cancel, {}
         self._name, self._t = None, 0.0
+
+    @property
+    def current(self) -> str | None:
+        return self._name
 
     def start(self, name: str):
         self.finish()
@@ -152,12 +156,12 @@ def _with_cpu_fallback(run, device, requested: str, stages, stage: str, shape):
         if device.type != "cuda":
             raise DeviceError(
                 f"the computer ran out of memory {stage} a {tuple(shape)} working grid; close "
-                "other programs or use a coarser working spacing") from exc
+                f"other programs or use {COARSER_SPACING}") from exc
         torch.cuda.empty_cache()
         if requested != "auto":
             raise DeviceError(
                 f"the GPU ran out of memory {stage} a {tuple(shape)} working grid; use device "
-                "'cpu' or 'auto' (falls back to the CPU), or a coarser working spacing") from exc
+                f"'cpu' or 'auto' (falls back to the CPU), or {COARSER_SPACING}") from exc
         if stages.progress:
             stages.progress(f"{stage} (GPU out of memory: retrying on the CPU)",
                             STAGES.index(stage) / len(STAGES))
@@ -189,9 +193,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
     threads = torch.get_num_threads()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
+    stages = _Stages(progress, cancel)
     try:
-        return _register(fixed, moving, options, moving_labels, loaded_model,
-                         _Stages(progress, cancel), warnings)
+        return _register(fixed, moving, options, moving_labels, loaded_model, stages, warnings)
+    except (RuntimeError, MemoryError) as exc:  # the stages outside _with_cpu_fallback
+        if not is_out_of_memory(exc):
+            raise
+        raise DeviceError(f"the computer ran out of memory ({stages.current or 'registering'}); "
+                          f"close other programs or use {COARSER_SPACING}") from exc
     finally:
         torch.set_num_threads(threads)
 

@@ -1,0 +1,75 @@
+"""Checks that a written output file is whole.
+
+ITK's NIfTI writer does not raise when the disk fills: it prints "wrote only N of M bytes" (or,
+for .nii.gz, nothing) and leaves a truncated file. The check compares the file with its own
+header: an uncompressed file holds exactly ``vox_offset + voxels * bitpix / 8`` bytes; a gzip
+file ends with that length (mod 2**32) in its trailer, which zlib writes last, after every
+block. Other writers used here raise on a failed write (Python's files, matplotlib; ITK's
+MetaImage and NRRD writers); a transform file is read back.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from pathlib import Path
+
+from EOIRRegistrationLib.core.errors import OutputError
+
+
+def nifti_length(header: bytes) -> int:
+    """Bytes of header plus voxel data that a NIfTI-1 or NIfTI-2 header announces."""
+    for order in "<>":
+        size = struct.unpack(order + "i", header[:4])[0]
+        if size == 348 and len(header) >= 348:
+            ndim, *dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if size == 540 and len(header) >= 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            ndim, *dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        raise ValueError("no NIfTI header")
+    voxels = 1
+    for d in dims[:ndim]:
+        voxels *= max(int(d), 1)
+    return offset + voxels * bitpix // 8
+
+
+def check_written(path) -> None:
+    """Raise ``OutputError`` when ``path`` (a file or a folder of them) is missing or short."""
+    path = Path(path)
+    if path.is_dir():
+        for child in sorted(path.iterdir()):
+            check_written(child)
+        return
+    if not path.is_file():
+        raise OutputError(f"{path.name} was not written")
+    name = path.name.lower()
+    try:
+        if name.endswith(".nii"):
+            with open(path, "rb") as f:
+                expected = nifti_length(f.read(540))
+            found = os.path.getsize(path)
+        elif name.endswith(".nii.gz"):
+            with gzip.open(path, "rb") as f:
+                expected = nifti_length(f.read(540)) % 2 ** 32
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                found = struct.unpack("<I", f.read(4))[0]
+        elif name.endswith(".tfm"):
+            import SimpleITK as sitk
+            sitk.ReadTransform(str(path))
+            return
+        else:
+            return
+    except (OSError, EOFError, ValueError, RuntimeError, zlib.error, struct.error) as exc:
+        raise OutputError(f"{path.name} was written incompletely (the disk may be full): "
+                          f"{exc.__class__.__name__}: {exc}") from exc
+    if found != expected:
+        raise OutputError(f"{path.name} was written incompletely (the disk may be full): "
+                          f"length {found} where its header announces {expected}")
