@@ -59,7 +59,12 @@ def _read_head(path: Path, n: int) -> bytes:
 
 def _header(path: Path) -> dict | None:
     """Header fields of a NIfTI-1/2 or Analyze file; None when it is neither."""
-    head = _read_head(path, 540)
+    return parse_header(_read_head(path, 540))
+
+
+def parse_header(head: bytes) -> dict | None:
+    """Header fields from the first 540 bytes of a NIfTI-1/2 or Analyze file (voxels, datatype,
+    bitpix, vox_offset, byte order, single file or not); None when it is neither."""
     for order in "<>":
         if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
             dim = struct.unpack(order + "8h", head[40:56])

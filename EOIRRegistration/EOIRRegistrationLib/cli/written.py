@@ -15,29 +15,16 @@ import struct
 import zlib
 from pathlib import Path
 
+from EOIRRegistrationLib.cli.nifti_data import parse_header
 from EOIRRegistrationLib.core.errors import OutputError
 
 
-def nifti_length(header: bytes) -> int:
+def nifti_length(head: bytes) -> int:
     """Bytes of header plus voxel data that a NIfTI-1 or NIfTI-2 header announces."""
-    for order in "<>":
-        size = struct.unpack(order + "i", header[:4])[0]
-        if size == 348 and len(header) >= 348:
-            ndim, *dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            offset = int(struct.unpack(order + "f", header[108:112])[0])
-            break
-        if size == 540 and len(header) >= 540:
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
-            ndim, *dims = struct.unpack(order + "8q", header[16:80])
-            offset = struct.unpack(order + "q", header[168:176])[0]
-            break
-    else:
+    header = parse_header(head)
+    if header is None:
         raise ValueError("no NIfTI header")
-    voxels = 1
-    for d in dims[:ndim]:
-        voxels *= max(int(d), 1)
-    return offset + voxels * bitpix // 8
+    return header["offset"] + header["voxels"] * header["bitpix"] // 8
 
 
 def check_written(path) -> None:
