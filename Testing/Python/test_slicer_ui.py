@@ -253,13 +253,13 @@ def test_lazy_engine_imports_name_things_that_exist(module_ast):
 
 
 def test_ui_loads_in_qt(widgets):
-    """Load the .ui with Qt's own loader (PySide6, offscreen) when it is installed: custom Slicer
-    widgets fall back to their declared base class, every named widget must be created."""
-    QtUiTools = pytest.importorskip("PySide6.QtUiTools")
+    """Load the .ui with Qt's own loader (PySide6, a pinned development requirement, offscreen:
+    no display needed): custom Slicer widgets fall back to their declared base class, every named
+    widget must be created."""
     import os
 
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from PySide6 import QtCore, QtWidgets
+    from PySide6 import QtCore, QtUiTools, QtWidgets
 
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
     loader = QtUiTools.QUiLoader()
