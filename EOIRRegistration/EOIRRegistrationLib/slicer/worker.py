@@ -2,8 +2,10 @@
 
 Slicer's embedded Python gives background *threads* little time (the GUI thread holds the
 interpreter while Qt runs), so the panel runs the engine in a child process instead
-(``PythonSlicer worker.py JOBDIR``). It needs no MRML, no Qt and not even ``slicer``; it talks to
-the panel through files in ``JOBDIR``:
+(``PythonSlicer worker.py JOBDIR``; ``runners.py`` starts it in ``JOBDIR`` with ``.``, so the
+paths ITK opens here are plain ASCII even where the temporary folder's path is not). It needs no
+MRML, no Qt and not even ``slicer``; it talks to the panel through files in ``JOBDIR`` (text
+files in UTF-8):
 
 * ``job.json`` (in): ``{"options": RegistrationOptions.to_dict(), "fixed", "moving", "labels"
   (file names, labels may be null), "engine" (null, or ``module:function`` for tests)}``;
