@@ -20,9 +20,9 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 import SimpleITK as sitk  # noqa: E402
 
-from EOIRRegistrationLib.core.errors import InputError, RegistrationCancelled  # noqa: E402
+from EOIRRegistrationLib.core.errors import EOIRError, InputError, RegistrationCancelled  # noqa: E402
 from EOIRRegistrationLib.engine.options import RegistrationOptions  # noqa: E402
-from EOIRRegistrationLib.slicer import runners, selftest_scene  # noqa: E402
+from EOIRRegistrationLib.slicer import runners, selftest_scene, worker  # noqa: E402
 from EOIRRegistrationLib.slicer.logic import RegistrationInputs  # noqa: E402
 
 LIB_PARENT = Path(runners.__file__).resolve().parents[2]
@@ -171,3 +171,34 @@ def test_job_folders_with_spaces_and_non_ascii_characters(engine, monkeypatch, t
     assert isinstance(job.error, InputError)
     assert str(job.error) == "the volume 'Ødegård 日本' is constant"
     assert list(temp.iterdir()) == []
+
+
+@pytest.mark.parametrize("torch_version, numpy_version, refused", [
+    ("2.2.2", "2.1.3", True),   # Intel Mac: the last torch, a numpy 2 Slicer
+    ("2.2.2", "1.26.4", False),
+    ("1.13.1", "2.0.0", True),
+    ("2.3.0", "2.0.0", False),  # the first torch built for numpy 2
+    ("2.13.0+cpu", "2.4.6", False),
+])
+def test_torch_numpy_check(torch_version, numpy_version, refused):
+    problem = worker.torchNumpyProblem(torch_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert torch_version in problem and numpy_version in problem and "numpy 1.x" in problem
+
+
+def test_worker_refuses_a_torch_too_old_for_its_numpy_in_one_line(tmp_path, monkeypatch):
+    """Before the engine loads: torch 2.2 with numpy 2 would fail later with "Numpy is not
+    available"; the worker says why at once, through error.json."""
+    import numpy
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", "2.2.2")
+    monkeypatch.setattr(numpy, "__version__", "2.1.3")
+    job = {"options": RegistrationOptions().to_dict(), "engine": None, "fixed": "fixed.mha",
+           "moving": "moving.mha", "labels": None}
+    (tmp_path / worker.JOB_FILE).write_text(json.dumps(job), encoding="utf-8")
+    assert worker.run(tmp_path) == worker.EXIT_ERROR
+    error = worker.errorFromReport(json.loads((tmp_path / worker.ERROR_FILE).read_text("utf-8")))
+    assert isinstance(error, EOIRError) and "\n" not in str(error)
+    assert str(error).startswith("PyTorch 2.2.2 was built for numpy 1.x")
