@@ -5,11 +5,18 @@ what the Slicer panel uses: inside Slicer, background Python *threads* get littl
 GUI thread runs Qt, so a thread would freeze the registration or the GUI.
 :class:`BackgroundRegistration` is the thread variant for plain Python hosts. Both take a
 ``RegistrationOptions`` and give a ``RegistrationResult`` (``result``) or an ``error``.
+
+The worker process opens no console window on Windows, runs in its job folder (so its own file
+names are plain ASCII whatever the temporary folder is called) and in a process group of its own:
+a cancel that the worker does not honour in time ends it and everything it started (POSIX: the
+process group is killed; Windows: ``taskkill /T /F``, the worker's process tree).
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -23,6 +30,35 @@ from EOIRRegistrationLib.engine.result import RegistrationResult
 from EOIRRegistrationLib.slicer import worker
 from EOIRRegistrationLib.slicer.logic import PREPARE_END, RegistrationInputs, RegistrationLogic
 from EOIRRegistrationLib.slicer.outputs import ENGINE_END
+
+
+def workerProcessOptions() -> dict:
+    """``subprocess.Popen`` options for the worker: no console window on Windows, and a process
+    group of its own (POSIX: a new session, the group's id is the worker's pid) so that
+    :func:`killProcessTree` reaches every process it started."""
+    if sys.platform == "win32":
+        return {"creationflags": subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+def killProcessTree(process: subprocess.Popen) -> None:
+    """End ``process`` (started with :func:`workerProcessOptions`) and the processes it started,
+    and reap it. POSIX: SIGKILL to its process group, which also reaches processes it started that
+    are still running after it ended. Windows: ``taskkill /T /F`` while it runs."""
+    if sys.platform == "win32":
+        if process.poll() is None:
+            taskkill = os.path.join(os.environ.get("SystemRoot", r"C:\Windows"), "System32",
+                                    "taskkill.exe")
+            subprocess.run([taskkill if os.path.exists(taskkill) else "taskkill", "/T", "/F",
+                            "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, creationflags=subprocess.CREATE_NO_WINDOW)
+            process.kill()  # in case taskkill could not (the worker itself must end)
+    else:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # the group has ended already
+            pass
+    process.wait()
 
 
 class BackgroundRegistration:
@@ -114,7 +150,6 @@ class ProcessRegistration:
         self._log = None
 
     def start(self):
-        import subprocess
         import tempfile
 
         self.jobDir = Path(tempfile.mkdtemp(prefix="EOIRRegistration-", dir=self._tempDir))
@@ -134,10 +169,14 @@ class ProcessRegistration:
             self._log = open(self.jobDir / worker.LOG_FILE, "w", encoding="utf-8")
             env = dict(os.environ)
             env["PYTHONUNBUFFERED"] = "1"
+            env["PYTHONIOENCODING"] = "utf-8"  # the log is read as UTF-8 (not Windows' code page)
             self._started = time.perf_counter()
+            # the worker runs in the job folder and is given ".": the files it reads and writes
+            # are named relative to it, in ASCII, whatever characters the folder's path holds
             self.process = subprocess.Popen(
-                [self.pythonExecutable, str(Path(worker.__file__).resolve()), str(self.jobDir)],
-                stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                [self.pythonExecutable, str(Path(worker.__file__).resolve()), "."],
+                cwd=str(self.jobDir), stdout=self._log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, **workerProcessOptions())
         except BaseException:
             self._cleanup()
             raise
@@ -160,11 +199,12 @@ class ProcessRegistration:
         if self.process.poll() is None:
             if self._cancelledAt is not None and \
                     time.perf_counter() - self._cancelledAt > self.CANCEL_GRACE:
-                self.process.kill()
-                self.process.wait()
+                killProcessTree(self.process)
                 self.error = RegistrationCancelled("registration cancelled")
                 self._cleanup()
             return
+        if self._cancelledAt is not None:  # stopped by itself: end what it may have left running
+            killProcessTree(self.process)
         try:
             self._collect()
         except BaseException as exc:

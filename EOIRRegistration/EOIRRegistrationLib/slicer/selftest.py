@@ -1,9 +1,30 @@
-"""A tiny known registration problem for self-tests (slicer-core tests and the module's test
-inside Slicer). numpy and SimpleITK only."""
+"""The module self-test's engine checks (``EOIRRegistrationTest`` inside Slicer, and the
+slicer-core tests): a tiny known registration problem registered by the real engine, and a cancel
+before the engine starts. The checks that need no torch are in ``selftest_scene.py``. numpy and
+SimpleITK only at import; torch only when the engine runs.
+"""
 from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+
+#: why the engine check is skipped in a Slicer without torch
+NO_TORCH = ("PyTorch is not installed, so the registration itself was not tested: install the "
+            "PyTorch extension from the Extensions Manager, then PyTorch (the PyTorch Utils module, "
+            "or the first Apply offers it), and run the test again. The scene, transform, overlay "
+            "and cancel checks need no PyTorch and ran.")
+
+
+def torchMissing() -> str | None:
+    """:data:`NO_TORCH` when there is no torch to import; None when it imports. Any other failure
+    (torch installed but broken, the engine not importing) is raised, never turned into a skip."""
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        return NO_TORCH
+    return None
 
 
 def syntheticTestPair(size: int = 32, spacing: float = 2.0):

@@ -2,8 +2,10 @@
 
 Slicer's embedded Python gives background *threads* little time (the GUI thread holds the
 interpreter while Qt runs), so the panel runs the engine in a child process instead
-(``PythonSlicer worker.py JOBDIR``). It needs no MRML, no Qt and not even ``slicer``; it talks to
-the panel through files in ``JOBDIR``:
+(``PythonSlicer worker.py JOBDIR``; ``runners.py`` starts it in ``JOBDIR`` with ``.``, so the
+paths ITK opens here are plain ASCII even where the temporary folder's path is not). It needs no
+MRML, no Qt and not even ``slicer``; it talks to the panel through files in ``JOBDIR`` (text
+files in UTF-8):
 
 * ``job.json`` (in): ``{"options": RegistrationOptions.to_dict(), "fixed", "moving", "labels"
   (file names, labels may be null), "engine" (null, or ``module:function`` for tests)}``;
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -53,6 +56,21 @@ def _engine(spec: str | None):
     return register
 
 
+#: the first torch built for numpy 2; older ones (2.2 is the last for Intel Macs) need numpy 1.x
+TORCH_FOR_NUMPY2 = (2, 3)
+
+
+def torchNumpyProblem(torchVersion: str, numpyVersion: str) -> str | None:
+    """Why this torch cannot exchange arrays with this numpy (torch then fails later with
+    "Numpy is not available"), or None when they work together."""
+    torchMajorMinor = tuple(int(v) for v in re.findall(r"\d+", torchVersion)[:2])
+    if torchMajorMinor >= TORCH_FOR_NUMPY2 or int(numpyVersion.split(".")[0]) < 2:
+        return None
+    return (f"PyTorch {torchVersion} was built for numpy 1.x and cannot work with this Python's "
+            f"numpy {numpyVersion} (on Intel Macs PyTorch stops at 2.2): the registration needs "
+            "numpy 1.x here, or PyTorch 2.3 or later")
+
+
 def errorFromReport(info: dict) -> BaseException:
     """The exception an ``error.json`` describes (the project's own error classes by name)."""
     from EOIRRegistrationLib.core import errors
@@ -74,6 +92,15 @@ def run(jobDir: str | os.PathLike) -> int:
         with open(jobDir / JOB_FILE, encoding="utf-8") as f:
             job = json.load(f)
         options = RegistrationOptions.from_dict(job["options"])
+        if not job.get("engine"):  # the real engine: a torch too old for this numpy fails late
+            import numpy
+            import torch
+
+            from EOIRRegistrationLib.core.errors import EOIRError
+
+            problem = torchNumpyProblem(torch.__version__, numpy.__version__)
+            if problem:
+                raise EOIRError(problem)
         register = _engine(job.get("engine"))
 
         def progress(stage, fraction):
