@@ -9,7 +9,8 @@ result, unless it moves no point of the fixed image's field of view by more than
 information over the identity — the optimiser failed), or a user-given linear transform
 (SimpleITK transform in the ITK convention, i.e. mapping fixed points to moving points, or a 4x4
 matrix). The final displacement field contains ``A``:
-``x -> A (x + d_net(x))``.
+``x -> A (x + d_net(x))``. Masks (uint8, 1 where used, any grid: ``masks.binary``) restrict the
+mutual information (SimpleITK's metric masks) and the centres of mass to their regions.
 """
 from __future__ import annotations
 
@@ -51,10 +52,20 @@ def matrix_from_transform(transform: sitk.Transform) -> np.ndarray:
     return a
 
 
-def center_of_mass_matrix(fixed: sitk.Image, moving: sitk.Image) -> np.ndarray:
-    """Translation taking the fixed image's intensity centre of mass to the moving image's."""
+def _masked(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
+    """``image`` (float32) with the voxels outside ``mask`` (read on its grid) set to 0."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    if mask is None:
+        return image
+    on_grid = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return image * sitk.Cast(on_grid, sitk.sitkFloat32)
+
+
+def center_of_mass_matrix(fixed: sitk.Image, moving: sitk.Image, masks=(None, None)) -> np.ndarray:
+    """Translation taking the fixed image's intensity centre of mass to the moving image's
+    (within the masks)."""
     tx = sitk.CenteredTransformInitializer(
-        sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32),
+        _masked(fixed, masks[0]), _masked(moving, masks[1]),
         sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
     return matrix_from_transform(tx)
 
@@ -82,18 +93,20 @@ def coarse_spacing(fixed: sitk.Image) -> float:
 
 
 def optimised_matrix(fixed: sitk.Image, moving: sitk.Image, kind: str,
-                     spacing: float | None = None, seed: int = 7) -> np.ndarray:
+                     spacing: float | None = None, seed: int = 7, masks=(None, None)) -> np.ndarray:
     """Rigid or affine fixed -> moving matrix maximising Mattes mutual information."""
     spacing = spacing or coarse_spacing(fixed)
-    return _optimised_coarse(_coarse(fixed, spacing), _coarse(moving, spacing), kind, seed)
+    return _optimised_coarse(_coarse(fixed, spacing), _coarse(moving, spacing), kind, seed, masks)
 
 
-def _optimised_coarse(f: sitk.Image, m: sitk.Image, kind: str, seed: int = 7) -> np.ndarray:
-    start = sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(),
+def _optimised_coarse(f: sitk.Image, m: sitk.Image, kind: str, seed: int = 7,
+                      masks=(None, None)) -> np.ndarray:
+    start = sitk.CenteredTransformInitializer(_masked(f, masks[0]), _masked(m, masks[1]),
+                                              sitk.Euler3DTransform(),
                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
     # A rigid stage that only seeds the affine one needs fewer iterations.
     rigid = _optimise(f, m, sitk.Euler3DTransform(start), seed,
-                      iterations=300 if kind == "rigid" else 100)
+                      iterations=300 if kind == "rigid" else 100, masks=masks)
     if kind == "rigid":
         return matrix_from_transform(rigid)
     r = matrix_from_transform(rigid)
@@ -105,11 +118,16 @@ def _optimised_coarse(f: sitk.Image, m: sitk.Image, kind: str, seed: int = 7) ->
     # From the rigid seed, minStep 1e-3 and 150 iterations per level took 40 % less time than
     # 1e-4 and 300 for the same brain Dice after the deformable step (bench_brain.py pairs); the
     # rigid stages keep 1e-4 (1e-3 stopped a rigid 10 degree search at 6.6 degrees).
-    return matrix_from_transform(_optimise(f, m, affine, seed, iterations=150, min_step=1e-3))
+    return matrix_from_transform(_optimise(f, m, affine, seed, iterations=150, min_step=1e-3,
+                                           masks=masks))
 
 
-def _metric(seed: int) -> sitk.ImageRegistrationMethod:
+def _metric(seed: int, masks=(None, None)) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
+    if masks[0] is not None:
+        reg.SetMetricFixedMask(masks[0])
+    if masks[1] is not None:
+        reg.SetMetricMovingMask(masks[1])
     reg.SetMetricAsMattesMutualInformation(32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.25, seed)
@@ -133,11 +151,11 @@ def _one_itk_thread():
 
 
 def _optimise(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, seed: int,
-              iterations: int, min_step: float = 1e-4):
+              iterations: int, min_step: float = 1e-4, masks=(None, None)):
     # A regular sample grid gives the same metric every iteration, so the step halves only when
     # the optimum is crossed and the optimiser stops at minStep instead of wandering in sampling
     # noise until the iteration limit (random samples: 2x the time, same brain Dice).
-    reg = _metric(seed)
+    reg = _metric(seed, masks)
     reg.SetMetricSamplingStrategy(reg.REGULAR)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=min_step,
                                                  numberOfIterations=iterations,
@@ -154,10 +172,11 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
                          f"enough): {str(exc).splitlines()[-1]}") from exc
 
 
-def _mutual_information_cost(f: sitk.Image, m: sitk.Image, a: np.ndarray, seed: int) -> float:
+def _mutual_information_cost(f: sitk.Image, m: sitk.Image, a: np.ndarray, seed: int,
+                             masks=(None, None)) -> float:
     """Mattes cost (negative mutual information: lower is better) of the fixed -> moving matrix
     ``a``; +inf when the images do not overlap under it."""
-    reg = _metric(seed)
+    reg = _metric(seed, masks)
     reg.SetMetricSamplingStrategy(reg.NONE)  # every voxel: a deterministic comparison
     tx = sitk.AffineTransform(3)
     tx.SetMatrix(a[:3, :3].ravel().tolist())
@@ -181,22 +200,24 @@ def largest_shift_mm(a: np.ndarray, grid: Grid) -> float:
 
 
 def auto_matrix(fixed: sitk.Image, moving: sitk.Image, spacing: float | None = None,
-                seed: int = 7) -> tuple[np.ndarray, str]:
+                seed: int = 7, masks=(None, None)) -> tuple[np.ndarray, str]:
     """The "auto" choice and why: ``(matrix, "affine" | "none")``."""
     spacing = spacing or coarse_spacing(fixed)
     f, m = _coarse(fixed, spacing), _coarse(moving, spacing)
-    a = _optimised_coarse(f, m, "affine", seed)
+    a = _optimised_coarse(f, m, "affine", seed, masks)
     if largest_shift_mm(a, Grid.from_image(fixed)) <= ALIGNED_TOLERANCE_MM:
         return np.eye(4), "none"  # already aligned
-    if _mutual_information_cost(f, m, a, seed) >= _mutual_information_cost(f, m, np.eye(4), seed):
+    cost = lambda matrix: _mutual_information_cost(f, m, matrix, seed, masks)
+    if cost(a) >= cost(np.eye(4)):
         return np.eye(4), "none"  # the optimiser did not improve on the identity
     return a, "affine"
 
 
 def initial_alignment(fixed: sitk.Image, moving: sitk.Image, method: str,
-                      transform=None) -> tuple[np.ndarray, str]:
+                      transform=None, masks=(None, None)) -> tuple[np.ndarray, str]:
     """The starting 4x4 LPS matrix (fixed point -> moving point) and the method that produced
-    it: "given" for a user transform, and for "auto" the method it chose ("affine" or "none")."""
+    it: "given" for a user transform, and for "auto" the method it chose ("affine" or "none").
+    masks: (fixed, moving) uint8 masks or None (``masks.binary``)."""
     if transform is not None:
         a = np.asarray(transform, dtype=np.float64) if not isinstance(transform, sitk.Transform) \
             else matrix_from_transform(transform)
@@ -206,11 +227,11 @@ def initial_alignment(fixed: sitk.Image, moving: sitk.Image, method: str,
             raise InputError("the initial transform is singular (determinant 0)")
         return a, "given"
     if method == "auto":
-        return auto_matrix(fixed, moving)
+        return auto_matrix(fixed, moving, masks=masks)
     if method == "none":
         return np.eye(4), method
     if method == "com":
-        return center_of_mass_matrix(fixed, moving), method
+        return center_of_mass_matrix(fixed, moving, masks), method
     if method in ("rigid", "affine"):
-        return optimised_matrix(fixed, moving, method), method
+        return optimised_matrix(fixed, moving, method, masks=masks), method
     raise InputError(f"unknown initial alignment {method!r}; choose one of {', '.join(INITIAL_ALIGNMENTS)}")

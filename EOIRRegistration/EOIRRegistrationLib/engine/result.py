@@ -8,7 +8,9 @@ without it).
 Every image lies on the fixed image's grid. ``displacement``: 3-component float64 vectors in LPS
 millimetres, resampling direction (the fixed-space point x maps to the moving-space point
 x + d(x)), the initial linear alignment included. ``initial_matrix``: 4x4 LPS, fixed point ->
-moving point.
+moving point. The two images of the inverse direction lie on the moving image's grid:
+``inverse_displacement`` (LPS mm, the moving-space point y maps to the fixed-space point
+y + d'(y); computed when asked for, ``engine/inverse.py``) and ``fixed_labels_in_moving``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import SimpleITK as sitk
 from EOIRRegistrationLib.engine.options import RegistrationOptions
 
 #: the images of a result, in the order they are saved
-IMAGES = ("displacement", "warped", "jacobian", "folding", "warped_labels")
+IMAGES = ("displacement", "warped", "jacobian", "folding", "warped_labels", "inverse_displacement",
+          "fixed_labels_in_moving")
 _SUMMARY_FILE = "result.json"
 
 
@@ -51,6 +54,16 @@ class RegistrationResult:
     #: scales_mm, iterations (per scale)}; two {similarity "mind", iterations, sample_fraction}
     refinement: dict | None = None
     timings: dict = field(default_factory=dict)  # stage -> seconds
+    #: vector float64, moving grid, LPS mm, moving point y -> fixed point y + d'(y); None unless
+    #: asked for (``options.inverse``, or fixed labels given)
+    inverse_displacement: sitk.Image | None = None
+    #: the fixed label map carried into the moving grid through the inverse (nearest neighbour)
+    fixed_labels_in_moving: sitk.Image | None = None
+    #: how exact the inverse is (``engine/inverse.py``): iterations, mean_residual_mm,
+    #: max_residual_mm (|forward(inverse(y)) - y| inside the fixed field of view), inside_percent
+    inverse_qa: dict | None = None
+    #: the similarity masks used: a subset of ("fixed", "moving")
+    masks: tuple = ()
 
     @property
     def method(self) -> str:
@@ -96,6 +109,8 @@ class RegistrationResult:
             "method": self.method,
             "qa": {k: float(v) for k, v in self.qa.items()},
             "timings": {k: float(v) for k, v in self.timings.items()},
+            "inverse": None if self.inverse_qa is None else dict(self.inverse_qa),
+            "masks": list(self.masks),
         }
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -127,7 +142,8 @@ class RegistrationResult:
                    initial_alignment=info["initial_alignment"], network=info["network"],
                    contrast=info["contrast"],
                    contrast_correlation=math.nan if r is None else float(r),
-                   refinement=info["refinement"], timings=dict(info["timings"]))
+                   refinement=info["refinement"], timings=dict(info["timings"]),
+                   inverse_qa=info.get("inverse"), masks=tuple(info.get("masks", ())))
 
     @classmethod
     def saved_in(cls, folder: str | os.PathLike) -> bool:
