@@ -196,13 +196,14 @@ def test_every_option_flag_maps_onto_its_option(tmp_path):
             "--intensity-window", "-100", "300", "0", "1200", "--init", "rigid",
             "--initial-transform", str(tfm), "--contrast", "different", "--no-network",
             "--preset", "fast", "--refine", "25", "--refine-seconds", "12.5", "--refine-similarity", "mind",
+            "--inverse", "--fixed-mask", "fm.nii.gz", "--moving-mask", "mm.nii.gz",
             "--no-png", "--overwrite", "--quiet"]
     options = register_cli.options_from_args(register_cli.parser().parse_args(argv))
     expected = RegistrationOptions(
         model="/models/my.pt", device="cpu", threads=3, working_spacing=(1.5, 2.0, 2.5),
         intensity_window=((-100.0, 300.0), (0.0, 1200.0)), initial_alignment="rigid",
         initial_transform=expected_matrix, contrast="different", network=False, preset="fast",
-        refine_iterations=25, refine_seconds=12.5, refine_similarity="mind")
+        refine_iterations=25, refine_seconds=12.5, refine_similarity="mind", inverse=True)
     np.testing.assert_allclose(options.initial_transform, expected_matrix, rtol=0, atol=1e-12)
     assert options.replace(initial_transform=None) == expected.replace(initial_transform=None)
     # the flags only the command has (folders, label maps, output choices) are not options

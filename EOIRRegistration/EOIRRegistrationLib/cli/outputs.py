@@ -1,5 +1,7 @@
 """What ``eoir-register`` (and the demo) write for one pair: the registration's images,
-``affine.tfm``, ``report.json`` and ``overview.png``, all-or-nothing (``files.write_outputs``)."""
+``affine.tfm``, ``report.json`` and ``overview.png``, all-or-nothing (``files.write_outputs``);
+with the inverse, ``inverse_displacement.nii`` and ``fixed_labels_in_moving.nii.gz`` on the
+moving grid."""
 from __future__ import annotations
 
 import json
@@ -11,14 +13,17 @@ from EOIRRegistrationLib.cli.files import check_output_dir, read_image, write_ou
 from EOIRRegistrationLib.engine.options import RegistrationOptions
 
 OUTPUT_FILES = ("displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
-                "warped_labels.nii.gz", "affine.tfm", "report.json", "overview.png")
+                "warped_labels.nii.gz", "inverse_displacement.nii", "fixed_labels_in_moving.nii.gz",
+                "affine.tfm", "report.json", "overview.png")
 
 
 def register_files(fixed_path: str, moving_path: str, output_dir: str,
                    options: RegistrationOptions, moving_labels: str | None = None,
                    fixed_labels: str | None = None, png: bool = True, overwrite: bool = False,
-                   progress=None, extra_report: dict | None = None) -> dict:
-    """Read, register, write; returns the report (also written to ``report.json``)."""
+                   progress=None, extra_report: dict | None = None, fixed_mask: str | None = None,
+                   moving_mask: str | None = None) -> dict:
+    """Read, register, write; returns the report (also written to ``report.json``). Fixed
+    labels imply the inverse (they are carried into the moving space through it)."""
     import SimpleITK as sitk
 
     from EOIRRegistrationLib import __version__
@@ -31,10 +36,12 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
     moving = read_image(moving_path, "moving image")
     moving_lab = read_image(moving_labels, "moving label map") if moving_labels else None
     fixed_lab = read_image(fixed_labels, "fixed label map") if fixed_labels else None
+    masks = {f"{role}_mask": read_image(path, f"{role} mask") if path else None
+             for role, path in (("fixed", fixed_mask), ("moving", moving_mask))}
     loaded = resolve_model(options.model)
     t_read = time.perf_counter() - t0
-    result = register(fixed, moving, options, moving_labels=moving_lab, loaded_model=loaded,
-                      progress=progress)
+    result = register(fixed, moving, options, moving_labels=moving_lab, fixed_labels=fixed_lab,
+                      loaded_model=loaded, progress=progress, **masks)
     described = result.describe()
     report = {
         "eoir_registration_version": __version__,
@@ -50,6 +57,7 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
                          "spacing_mm": described["working_spacing"]},
         "displacement_convention": "LPS mm on the fixed grid; fixed point x maps to moving "
                                    "point x + d(x) (ITK resampling direction)",
+        "masks": list(result.masks),
         "contrast": {"requested": options.contrast, "used": result.contrast,
                      "correlation": (None if described["contrast_correlation"] is None
                                      else round(described["contrast_correlation"], 4))},
@@ -71,6 +79,12 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
             "mean_before": qa.mean_dice(fl, on_fixed(moving_lab), values),
             "mean_after": qa.mean_dice(
                 fl, sitk.GetArrayFromImage(result.warped_labels).astype(np.int64), values)}
+        if result.fixed_labels_in_moving is not None:  # the other direction, on the moving grid
+            ml = sitk.GetArrayFromImage(sitk.Resample(moving_lab, moving, sitk.Transform(),
+                                                      sitk.sitkNearestNeighbor)).astype(np.int64)
+            report["dice"]["mean_after_in_moving_space"] = qa.mean_dice(
+                ml, sitk.GetArrayFromImage(result.fixed_labels_in_moving).astype(np.int64),
+                values)
     report.update(extra_report or {})
     files = {
         # float32 vectors: half the size and write time of float64, ~1e-6 mm rounding. Not
@@ -90,6 +104,18 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
         files["affine.tfm"] = write_affine
     if result.warped_labels is not None:
         files["warped_labels.nii.gz"] = lambda p: sitk.WriteImage(result.warped_labels, p)
+    if result.inverse_displacement is not None:
+        report["inverse"] = {
+            "convention": "LPS mm on the moving grid; moving point y maps to fixed point "
+                          "y + d'(y); the initial linear part included",
+            **{k: round(v, 8) if isinstance(v, float) else v
+               for k, v in result.inverse_qa.items()}}
+        # written as displacement.nii is (float32 vectors, not gzipped): one writer at merge
+        files["inverse_displacement.nii"] = lambda p: sitk.WriteImage(
+            sitk.Cast(result.inverse_displacement, sitk.sitkVectorFloat32), p)
+    if result.fixed_labels_in_moving is not None:
+        files["fixed_labels_in_moving.nii.gz"] = lambda p: sitk.WriteImage(
+            result.fixed_labels_in_moving, p)
     if png:
         from EOIRRegistrationLib.cli.overview import write_overview
         title = f"{loaded.name}: folding {result.qa['folding_percent']:.3f}%, " \
@@ -122,4 +148,7 @@ def summary(report: dict) -> str:
         d = report["dice"]
         lines.append(f"mean Dice over {d['labels']} labels: {d['mean_before']:.3f} -> "
                      f"{d['mean_after']:.3f}")
+        if "mean_after_in_moving_space" in d:
+            lines.append(f"mean Dice of the fixed labels carried into the moving space: "
+                         f"{d['mean_after_in_moving_space']:.3f}")
     return "\n".join(lines)
