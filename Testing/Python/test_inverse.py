@@ -158,3 +158,20 @@ def test_the_pipeline_folds_the_initial_matrix_into_the_inverse(tmp_path):
                      refine_iterations=0)
     assert plain.inverse_displacement is None and plain.inverse_qa is None
     assert "inverting" not in plain.timings and "inverting" in result.timings
+
+
+def test_the_inverse_survives_the_worker_hand_over(phantom_registration, tmp_path):
+    """``RegistrationResult.save`` / ``load`` (the Slicer worker's hand-over) keeps the inverse,
+    the carried labels, their figures and the masks used."""
+    from EOIRRegistrationLib.engine.result import RegistrationResult
+
+    _, result = phantom_registration
+    result.save(tmp_path)
+    back = RegistrationResult.load(tmp_path)
+    for name in ("inverse_displacement", "fixed_labels_in_moving"):
+        original, loaded = getattr(result, name), getattr(back, name)
+        assert loaded.GetSize() == original.GetSize()
+        assert loaded.GetOrigin() == original.GetOrigin()
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded),
+                                      sitk.GetArrayFromImage(original))
+    assert back.inverse_qa == result.inverse_qa and back.masks == result.masks == ()
