@@ -66,7 +66,6 @@ class EOIRRegistration(ScriptedLoadableModule):
         self.parent.acknowledgementText = texts.ACKNOWLEDGEMENT_TEXT
 
 
-
 @parameterNodeWrapper
 class EOIRRegistrationParameterNode:
     """The panel's choices, saved with the scene: the volumes and output nodes, the QA overlays,
@@ -100,7 +99,6 @@ class EOIRRegistrationParameterNode:
         ENGINE_DEFAULT_REFINE_ITERATIONS
     refineSeconds: Annotated[float, WithinRange(0.0, 3600.0)] = 0.0
     refineSimilarity: Annotated[str, Choice(["auto", *REFINE_SIMILARITIES])] = "auto"
-
 
 
 class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -404,7 +402,6 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(self.ui, name).text = text
 
 
-
 class EOIRRegistrationLogic(ScriptedLoadableModuleLogic, RegistrationLogic):
     """Headless logic (Python console, batch scripts, tests): ``RegistrationLogic`` on
     ``slicer.mrmlScene``.
@@ -422,7 +419,6 @@ class EOIRRegistrationLogic(ScriptedLoadableModuleLogic, RegistrationLogic):
 
     def getParameterNode(self):
         return EOIRRegistrationParameterNode(super().getParameterNode())
-
 
 
 class EOIRRegistrationTest(ScriptedLoadableModuleTest):
