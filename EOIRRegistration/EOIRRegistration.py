@@ -76,12 +76,16 @@ class EOIRRegistrationParameterNode:
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
     movingSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
+    fixedSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
+    fixedMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
+    movingMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     model: str = DEFAULTS.model
     device: Annotated[str, Choice(list(DEVICES))] = DEFAULTS.device
     outputTransform: vtkMRMLTransformNode
     outputVolume: vtkMRMLScalarVolumeNode
     showJacobian: bool = True
     showFolding: bool = True
+    computeInverse: bool = DEFAULTS.inverse
     workingSpacing: Annotated[float, WithinRange(0.0, 20.0)] = 0.0
     useIntensityWindow: bool = False
     fixedWindowMin: float = 0.0
@@ -326,7 +330,9 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         options = optionsFromParameterNode(p)  # checked before anything is read
         inputs = self.logic.prepareInputs(
             p.fixedVolume, p.movingVolume, movingSegmentationNode=p.movingSegmentation,
-            outputTransformNode=p.outputTransform, outputVolumeNode=p.outputVolume)
+            outputTransformNode=p.outputTransform, outputVolumeNode=p.outputVolume,
+            fixedSegmentationNode=p.fixedSegmentation, fixedMaskNode=p.fixedMask,
+            movingMaskNode=p.movingMask)
         python = shutil.which("PythonSlicer") or shutil.which("PythonSlicer.exe") or sys.executable
         job = ProcessRegistration(inputs, options, pythonExecutable=python,
                                   tempDir=slicer.app.temporaryPath)

@@ -322,3 +322,47 @@ def test_the_command_line_keeps_freed_memory_on_glibc(files, tmp_path, monkeypat
     assert allocator.keep_freed_memory() is False
     monkeypatch.setattr(system, "platform", "darwin")
     assert allocator.keep_freed_memory() is False
+
+
+def test_inverse_fixed_labels_and_masks_from_the_command_line(files, tmp_path, capsys):
+    fixed, moving = sitk.ReadImage(files["fixed"]), sitk.ReadImage(files["moving"])
+    fixed_labels = sitk.Cast(sitk.BinaryThreshold(fixed, 0.5, 10.0, 5, 0), sitk.sitkUInt8)
+    paths = {name: str(tmp_path / f"{name}.nii.gz") for name in ("fl", "fm", "mm")}
+    sitk.WriteImage(fixed_labels, paths["fl"])
+    sitk.WriteImage(sitk.Cast(fixed > -1, sitk.sitkUInt8), paths["fm"])  # everything
+    sitk.WriteImage(sitk.Cast(moving > 0.3, sitk.sitkUInt8), paths["mm"])
+    out = tmp_path / "out"
+    base = [files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
+            "--contrast", "same", "--refine", "2", "--no-png", "--quiet"]
+    # fixed labels imply the inverse
+    assert run(base + ["--fixed-labels", paths["fl"], "--moving-labels", files["labels"],
+                       "--fixed-mask", paths["fm"], "--moving-mask", paths["mm"]]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"inverse_displacement.nii", "fixed_labels_in_moving.nii.gz"} <= names
+    inverse = sitk.ReadImage(str(out / "inverse_displacement.nii"))
+    assert inverse.GetPixelID() == sitk.sitkVectorFloat32
+    for image in (inverse, sitk.ReadImage(str(out / "fixed_labels_in_moving.nii.gz"))):
+        assert image.GetSize() == moving.GetSize()
+        np.testing.assert_allclose(image.GetOrigin(), moving.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(image.GetDirection(), moving.GetDirection(), atol=1e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert report["masks"] == ["fixed", "moving"] and report["options"]["inverse"] is False
+    assert report["inverse"]["mean_residual_mm"] < 1e-4
+    assert "moving point y maps to fixed point" in report["inverse"]["convention"]
+    carried = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "fixed_labels_in_moving.nii.gz")))
+    on_moving = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(files["labels"]), moving,
+                                                     sitk.Transform(), sitk.sitkNearestNeighbor))
+    dice = 2 * np.sum((carried == 5) & (on_moving == 5)) / ((carried == 5).sum() + (on_moving == 5).sum())
+    assert report["dice"]["mean_after_in_moving_space"] == pytest.approx(dice)
+    assert "carried into the moving space" in capsys.readouterr().out
+    # --inverse alone; a re-run leaves no stale labels of the earlier run
+    assert run(base + ["--inverse", "--overwrite"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "inverse_displacement.nii" in names and "fixed_labels_in_moving.nii.gz" not in names
+    assert run(base + ["--overwrite"]) == 0
+    assert "inverse_displacement.nii" not in {p.name for p in out.iterdir()}
+    # an unreadable mask: a clear error, nothing written
+    empty = tmp_path / "empty"
+    assert run(base[:2] + ["--output-dir", empty] + base[4:] + ["--moving-mask",
+                                                               tmp_path / "none.nii.gz"]) == 2
+    assert "moving mask file not found" in capsys.readouterr().err and not empty.exists()

@@ -492,7 +492,8 @@ from helpers import registration_result
 
 
 def register(fixed, moving, options=None, *, moving_labels=None, loaded_model=None,
-             progress=None, cancel=None, **option_changes):
+             progress=None, cancel=None, fixed_labels=None, fixed_mask=None, moving_mask=None,
+             **option_changes):
     from EOIRRegistrationLib.engine.options import options_of
 
     record = os.environ.get("EOIR_FAKE_RECORD")
@@ -502,7 +503,10 @@ def register(fixed, moving, options=None, *, moving_labels=None, loaded_model=No
             json.dump({"type": type(options).__name__,
                        "options": None if options is None else options.to_dict(),
                        "option_changes": sorted(option_changes),
-                       "labels": moving_labels is not None}, f)
+                       "labels": moving_labels is not None,
+                       "images": {name: list(image.GetSize()) for name, image in (
+                           ("fixed_labels", fixed_labels), ("fixed_mask", fixed_mask),
+                           ("moving_mask", moving_mask)) if image is not None}}, f)
     options = options_of(options, **option_changes)
     failure = os.environ.get("EOIR_FAKE_FAIL")
     if failure == "crash":
@@ -1011,7 +1015,10 @@ def test_worker_job_file_round_trips_the_options(scene, volumes, worker_env, tmp
 
     fixed, moving = volumes
     segmentation, _ = add_segmentation(scene, moving)
-    inputs = slicer_logic.RegistrationLogic(scene).prepareInputs(fixed, moving, segmentation)
+    fixed_segmentation, fixed_label_node = add_segmentation(scene, fixed)
+    inputs = slicer_logic.RegistrationLogic(scene).prepareInputs(
+        fixed, moving, segmentation, fixedSegmentationNode=fixed_segmentation,
+        fixedMaskNode=fixed_label_node, movingMaskNode=segmentation)
     record = tmp_path.parent / f"{tmp_path.name}-record.json"
     worker_env.setenv("EOIR_FAKE_RECORD", str(record))
     options = RegistrationOptions(
@@ -1019,7 +1026,7 @@ def test_worker_job_file_round_trips_the_options(scene, volumes, worker_env, tmp
         working_spacing=(1.5, 2.0, 2.5), intensity_window=((-100.0, 900.0), (0.0, 1200.5)),
         initial_alignment="rigid", initial_transform=translation_matrix(1.0, -2.0, 3.5),
         contrast="same", network=True, preset="accurate", refine_iterations=12,
-        refine_seconds=3.5, refine_similarity="lncc")
+        refine_seconds=3.5, refine_similarity="lncc", inverse=True)
     defaults = RegistrationOptions()
     changed = [k for k, v in options.to_dict().items() if v == defaults.to_dict()[k]]
     assert changed == [], f"options left at their defaults: {changed}"
@@ -1029,6 +1036,10 @@ def test_worker_job_file_round_trips_the_options(scene, volumes, worker_env, tmp
     seen = json.loads(record.read_text())
     assert seen["type"] == "RegistrationOptions" and seen["option_changes"] == []
     assert seen["labels"] is True
+    # the fixed labels and both masks reach the engine, on their volumes' grids
+    assert seen["images"] == {"fixed_labels": list(fixed.GetImageData().GetDimensions()),
+                              "fixed_mask": list(fixed.GetImageData().GetDimensions()),
+                              "moving_mask": list(moving.GetImageData().GetDimensions())}
     assert RegistrationOptions.from_dict(seen["options"]) == options
     assert seen["options"] == options.to_dict()
     assert job.result.options == options

@@ -421,7 +421,8 @@ def test_parameter_node_maps_to_the_engine_options(module_with_stub_application)
         fixedWindowMax=node.fixedWindowMax, movingWindowMin=node.movingWindowMin,
         movingWindowMax=node.movingWindowMax, initialAlignment=node.initialAlignment,
         contrast=node.contrast, preset=node.preset, refineIterations=node.refineIterations,
-        refineSeconds=node.refineSeconds, refineSimilarity=node.refineSimilarity)
+        refineSeconds=node.refineSeconds, refineSimilarity=node.refineSimilarity,
+        computeInverse=node.computeInverse)
     options = module.optionsFromParameterNode(unset)
     assert options == RegistrationOptions()
     assert options.refine_iterations is None  # -1: the engine's default (by contrast)
@@ -434,12 +435,12 @@ def test_parameter_node_maps_to_the_engine_options(module_with_stub_application)
         model="/models/mine.pt", device="cpu", workingSpacing=1.5, useIntensityWindow=True,
         fixedWindowMin=-100.0, fixedWindowMax=900.0, movingWindowMin=0.0, movingWindowMax=1200.0,
         initialAlignment="rigid", contrast="different", preset="accurate", refineIterations=0,
-        refineSeconds=5.0, refineSimilarity="mind")
+        refineSeconds=5.0, refineSimilarity="mind", computeInverse=True)
     assert module.optionsFromParameterNode(chosen) == RegistrationOptions(
         model="/models/mine.pt", device="cpu", working_spacing=1.5,
         intensity_window=((-100.0, 900.0), (0.0, 1200.0)), initial_alignment="rigid",
         contrast="different", preset="accurate", refine_iterations=0, refine_seconds=5.0,
-        refine_similarity="mind")
+        refine_similarity="mind", inverse=True)
     # a bad choice is refused by the options' own checks (before anything is read)
     with pytest.raises(InputError, match="intensity window"):
         module.optionsFromParameterNode(types.SimpleNamespace(
@@ -480,7 +481,8 @@ def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_ap
         outputVolume=None, model="default", device="cpu", workingSpacing=0.0,
         useIntensityWindow=False, showJacobian=True, showFolding=False,
         initialAlignment="affine", refineIterations=40, refineSeconds=12.5,
-        refineSimilarity="mind", contrast="different", preset="fast")
+        refineSimilarity="mind", contrast="different", preset="fast", computeInverse=True,
+        fixedSegmentation=None, fixedMask=None, movingMask=None)
     widget._setRunning = lambda running: None
     widget._timer = types.SimpleNamespace(start=lambda: None)
     widget._startRegistration()
@@ -488,7 +490,8 @@ def test_panel_passes_alignment_and_refinement_to_the_worker(module_with_stub_ap
     assert isinstance(job.options, RegistrationOptions)
     assert job.options == RegistrationOptions(
         model="default", device="cpu", initial_alignment="affine", refine_iterations=40,
-        refine_seconds=12.5, refine_similarity="mind", contrast="different", preset="fast")
+        refine_seconds=12.5, refine_similarity="mind", contrast="different", preset="fast",
+        inverse=True)
     assert job.options.initial_alignment == "affine"
     assert job.options.refine_iterations == 40 and job.options.refine_seconds == 12.5
     assert job.options.refine_similarity == "mind" and job.options.contrast == "different"

@@ -1,6 +1,7 @@
 """What ``eoir-register`` (and the demo) write for one pair: the registration's images,
 ``affine.tfm``, ``report.json`` and ``overview.png``, all-or-nothing, one run at a time
-(``outputfolder.OutputFolder``)."""
+(``outputfolder.OutputFolder``); with the inverse, ``inverse_displacement.nii`` and
+``fixed_labels_in_moving.nii.gz`` on the moving grid."""
 from __future__ import annotations
 
 import json
@@ -13,24 +14,29 @@ from EOIRRegistrationLib.cli.outputfolder import OutputFolder
 from EOIRRegistrationLib.engine.options import RegistrationOptions
 
 OUTPUT_FILES = ("displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
-                "warped_labels.nii.gz", "affine.tfm", "report.json", "overview.png")
+                "warped_labels.nii.gz", "inverse_displacement.nii", "fixed_labels_in_moving.nii.gz",
+                "affine.tfm", "report.json", "overview.png")
 
 
 def register_files(fixed_path: str, moving_path: str, output_dir: str,
                    options: RegistrationOptions, moving_labels: str | None = None,
                    fixed_labels: str | None = None, png: bool = True, overwrite: bool = False,
-                   progress=None, amend_report=None, extra_files: dict | None = None) -> dict:
+                   progress=None, amend_report=None, extra_files: dict | None = None,
+                   fixed_mask: str | None = None, moving_mask: str | None = None) -> dict:
     """Claim the output folder, read, register, write; returns the report (also written to
     ``report.json``). ``amend_report(report, result)`` may change the report before it is
-    written; ``extra_files`` (name -> writer(path)) are written with the outputs."""
+    written; ``extra_files`` (name -> writer(path)) are written with the outputs. Fixed labels
+    imply the inverse (they are carried into the moving space through it)."""
     extra_files = dict(extra_files or {})
     with OutputFolder(output_dir, overwrite, OUTPUT_FILES + tuple(extra_files)) as folder:
         return _register_and_write(folder, fixed_path, moving_path, options, moving_labels,
-                                   fixed_labels, png, progress, amend_report, extra_files)
+                                   fixed_labels, png, progress, amend_report, extra_files,
+                                   (fixed_mask, moving_mask))
 
 
 def _register_and_write(folder: OutputFolder, fixed_path, moving_path, options, moving_labels,
-                        fixed_labels, png, progress, amend_report, extra_files) -> dict:
+                        fixed_labels, png, progress, amend_report, extra_files,
+                        mask_paths) -> dict:
     import SimpleITK as sitk
 
     from EOIRRegistrationLib import __version__
@@ -47,10 +53,12 @@ def _register_and_write(folder: OutputFolder, fixed_path, moving_path, options, 
     if fixed_lab is not None:  # the engine checks the moving labels; these only serve the Dice
         check_image(fixed_lab, "fixed label map", labels=True)
         label_warnings = check_labels_on(fixed_lab, fixed, "fixed label map", "fixed image")
+    masks = {f"{role}_mask": read_image(path, f"{role} mask") if path else None
+             for role, path in (("fixed", mask_paths[0]), ("moving", mask_paths[1]))}
     loaded = resolve_model(options.model)
     t_read = time.perf_counter() - t0
-    result = register(fixed, moving, options, moving_labels=moving_lab, loaded_model=loaded,
-                      progress=progress)
+    result = register(fixed, moving, options, moving_labels=moving_lab, fixed_labels=fixed_lab,
+                      loaded_model=loaded, progress=progress, **masks)
     described = result.describe()
     report = {
         "eoir_registration_version": __version__,
@@ -66,6 +74,7 @@ def _register_and_write(folder: OutputFolder, fixed_path, moving_path, options, 
                          "spacing_mm": described["working_spacing"]},
         "displacement_convention": "LPS mm on the fixed grid; fixed point x maps to moving "
                                    "point x + d(x) (ITK resampling direction)",
+        "masks": list(result.masks),
         "contrast": {"requested": options.contrast, "used": result.contrast,
                      "correlation": (None if described["contrast_correlation"] is None
                                      else round(described["contrast_correlation"], 4))},
@@ -89,6 +98,12 @@ def _register_and_write(folder: OutputFolder, fixed_path, moving_path, options, 
             "mean_before": qa.mean_dice(fl, on_fixed(moving_lab), values),
             "mean_after": qa.mean_dice(
                 fl, sitk.GetArrayFromImage(result.warped_labels).astype(np.int64), values)}
+        if result.fixed_labels_in_moving is not None:  # the other direction, on the moving grid
+            ml = sitk.GetArrayFromImage(sitk.Resample(moving_lab, moving, sitk.Transform(),
+                                                      sitk.sitkNearestNeighbor)).astype(np.int64)
+            report["dice"]["mean_after_in_moving_space"] = qa.mean_dice(
+                ml, sitk.GetArrayFromImage(result.fixed_labels_in_moving).astype(np.int64),
+                values)
     if amend_report is not None:
         amend_report(report, result)
     files = {
@@ -109,6 +124,18 @@ def _register_and_write(folder: OutputFolder, fixed_path, moving_path, options, 
         files["affine.tfm"] = write_affine
     if result.warped_labels is not None:
         files["warped_labels.nii.gz"] = lambda p: sitk.WriteImage(result.warped_labels, p)
+    if result.inverse_displacement is not None:
+        report["inverse"] = {
+            "convention": "LPS mm on the moving grid; moving point y maps to fixed point "
+                          "y + d'(y); the initial linear part included",
+            **{k: round(v, 8) if isinstance(v, float) else v
+               for k, v in result.inverse_qa.items()}}
+        # written as displacement.nii is (float32 vectors, not gzipped): one writer at merge
+        files["inverse_displacement.nii"] = lambda p: sitk.WriteImage(
+            sitk.Cast(result.inverse_displacement, sitk.sitkVectorFloat32), p)
+    if result.fixed_labels_in_moving is not None:
+        files["fixed_labels_in_moving.nii.gz"] = lambda p: sitk.WriteImage(
+            result.fixed_labels_in_moving, p)
     if png:
         from EOIRRegistrationLib.cli.overview import write_overview
         title = f"{loaded.name}: folding {result.qa['folding_percent']:.3f}%, " \
@@ -144,5 +171,8 @@ def summary(report: dict) -> str:
         d = report["dice"]
         lines.append(f"mean Dice over {d['labels']} labels: {d['mean_before']:.3f} -> "
                      f"{d['mean_after']:.3f}")
+        if "mean_after_in_moving_space" in d:
+            lines.append(f"mean Dice of the fixed labels carried into the moving space: "
+                         f"{d['mean_after_in_moving_space']:.3f}")
     lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)

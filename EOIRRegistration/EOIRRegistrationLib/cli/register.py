@@ -30,12 +30,25 @@ def parser() -> argparse.ArgumentParser:
         "Deformably register MOVING to FIXED. Writes displacement.nii (ITK displacement field: "
         "LPS mm on the fixed grid, fixed point -> moving point; a transform for SimpleITK, ANTs "
         "and Slicer), warped.nii.gz, jacobian.nii.gz, folding.nii.gz, report.json and "
-        "overview.png to --output-dir."))
+        "overview.png to --output-dir; with --inverse or --fixed-labels also "
+        "inverse_displacement.nii (LPS mm on the moving grid, moving point -> fixed point)."))
     p.add_argument("fixed", help="fixed (reference) 3D image: any format ITK reads")
     p.add_argument("moving", help="moving 3D image, resampled onto the fixed grid")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--moving-labels", help="label map of the moving image to warp (nearest)")
-    p.add_argument("--fixed-labels", help="label map of the fixed image: reports Dice")
+    p.add_argument("--fixed-labels", help="label map of the fixed image: reports Dice, and is "
+                   "carried into the moving space through the inverse (implies --inverse; "
+                   "fixed_labels_in_moving.nii.gz, nearest neighbour)")
+    p.add_argument("--inverse", action="store_true",
+                   help="also write inverse_displacement.nii: the exact inverse on the moving "
+                        "image's grid (LPS mm, moving point y -> fixed point y + d'(y), the "
+                        "initial linear part included)")
+    p.add_argument("--fixed-mask", metavar="FILE",
+                   help="mask of the fixed image (nonzero: used; any grid): the similarity of "
+                        "the alignment and the optimisation is restricted to it")
+    p.add_argument("--moving-mask", metavar="FILE",
+                   help="mask of the moving image (nonzero: used; any grid), e.g. to leave out a "
+                        "lesion, resection or artefact present in one image only")
     p.add_argument("--model", default=DEFAULTS.model,
                    help="bundled model name (see eoir-models) or a model file path")
     p.add_argument("--device", default=DEFAULTS.device, choices=DEVICES)
@@ -112,7 +125,7 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
         initial_transform=read_initial_transform(args.initial_transform),
         contrast=args.contrast, network=False if args.no_network else None, preset=args.preset,
         refine_iterations=args.refine, refine_seconds=args.refine_seconds,
-        refine_similarity=args.refine_similarity)
+        refine_similarity=args.refine_similarity, inverse=args.inverse)
 
 
 def stderr_progress(quiet: bool):
@@ -134,7 +147,8 @@ def main(argv=None) -> int:
             options = options_from_args(args)
             report = register_files(args.fixed, args.moving, args.output_dir, options,
                                     moving_labels=args.moving_labels,
-                                    fixed_labels=args.fixed_labels, png=not args.no_png,
+                                    fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
+                                    moving_mask=args.moving_mask, png=not args.no_png,
                                     overwrite=args.overwrite, progress=stderr_progress(args.quiet))
         except EOIRError as exc:
             print(f"eoir-register: error: {exc}", file=sys.stderr)

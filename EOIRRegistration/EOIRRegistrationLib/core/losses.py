@@ -125,7 +125,9 @@ class LNCCToFixed:
         # Clamp: the expanded variance can dip below zero by rounding where the image is constant.
         self.var_f = (f2_sum - f_sum * f_sum / self.size).clamp_min(0.0)
 
-    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+    def __call__(self, warped: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``-mean(cc)``; with ``weights`` (broadcastable to ``(B, C, *S)``, e.g. a mask) the
+        weighted mean."""
         if warped.shape != self.shape:
             raise ValueError(f"lncc_loss: fixed and warped must have the same shape (B, C, *S), "
                              f"got {tuple(self.shape)} and {tuple(warped.shape)}")
@@ -136,7 +138,10 @@ class LNCCToFixed:
         cross = fw_sum - self.f_sum * w_sum / self.size
         var_w = (w2_sum - w_sum * w_sum / self.size).clamp_min(0.0)
         cc = cross * cross / (self.var_f * var_w + self.eps)
-        return -cc.mean()
+        if weights is None:
+            return -cc.mean()
+        weights = torch.broadcast_to(weights, self.shape).reshape(cc.shape)
+        return -(cc * weights).sum() / weights.sum().clamp_min(1e-6)
 
 
 def mse_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ inputs were already aligned). What it chose and why is the ``Alignment``'s ``not
 
 Intensities farther outside their robust window than its width (``core.intensity``) are clamped
 first: one voxel of 1e30 otherwise sets the mutual information's histogram range and pulls the
-centre of mass to itself.
+centre of mass to itself. Masks (uint8, 1 where used, any grid: ``masks.binary``) restrict the
+mutual information (SimpleITK's metric masks) and the centres of mass to their regions.
 """
 from __future__ import annotations
 
@@ -91,10 +92,20 @@ def without_outliers(image: sitk.Image) -> sitk.Image:
     return sitk.Clamp(image, sitk.sitkFloat32, low, high)
 
 
-def center_of_mass_matrix(fixed: sitk.Image, moving: sitk.Image) -> np.ndarray:
-    """Translation taking the fixed image's intensity centre of mass to the moving image's."""
+def _masked(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
+    """``image`` (float32) with the voxels outside ``mask`` (read on its grid) set to 0."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    if mask is None:
+        return image
+    on_grid = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return image * sitk.Cast(on_grid, sitk.sitkFloat32)
+
+
+def center_of_mass_matrix(fixed: sitk.Image, moving: sitk.Image, masks=(None, None)) -> np.ndarray:
+    """Translation taking the fixed image's intensity centre of mass to the moving image's
+    (within the masks)."""
     tx = sitk.CenteredTransformInitializer(
-        without_outliers(fixed), without_outliers(moving),
+        _masked(without_outliers(fixed), masks[0]), _masked(without_outliers(moving), masks[1]),
         sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
     return matrix_from_transform(tx)
 
@@ -122,24 +133,27 @@ def coarse_spacing(fixed: sitk.Image) -> float:
 
 
 def optimised_matrix(fixed: sitk.Image, moving: sitk.Image, kind: str,
-                     spacing: float | None = None, seed: int = 7) -> np.ndarray:
+                     spacing: float | None = None, seed: int = 7, masks=(None, None)) -> np.ndarray:
     """Rigid or affine fixed -> moving matrix maximising Mattes mutual information."""
     spacing = spacing or coarse_spacing(fixed)
-    return _optimised_coarse(_coarse(fixed, spacing), _coarse(moving, spacing), kind, seed)
+    return _optimised_coarse(_coarse(fixed, spacing), _coarse(moving, spacing), kind, seed, masks)
 
 
-def _optimised_coarse(f: sitk.Image, m: sitk.Image, kind: str, seed: int = 7) -> np.ndarray:
-    return _rigid_and_affine(f, m, seed, affine=kind == "affine")[-1]
+def _optimised_coarse(f: sitk.Image, m: sitk.Image, kind: str, seed: int = 7,
+                      masks=(None, None)) -> np.ndarray:
+    return _rigid_and_affine(f, m, seed, affine=kind == "affine", masks=masks)[-1]
 
 
-def _rigid_and_affine(f: sitk.Image, m: sitk.Image, seed: int = 7, affine: bool = True):
+def _rigid_and_affine(f: sitk.Image, m: sitk.Image, seed: int = 7, affine: bool = True,
+                      masks=(None, None)):
     """``(rigid,)`` or ``(rigid, affine)`` matrices on the coarse copies; the affine starts from
     the rigid one."""
-    start = sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(),
+    start = sitk.CenteredTransformInitializer(_masked(f, masks[0]), _masked(m, masks[1]),
+                                              sitk.Euler3DTransform(),
                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
     # A rigid stage that only seeds the affine one needs fewer iterations.
     rigid = _optimise(f, m, sitk.Euler3DTransform(start), seed,
-                      iterations=100 if affine else 300)
+                      iterations=100 if affine else 300, masks=masks)
     r = matrix_from_transform(rigid)
     if not affine:
         return (r,)
@@ -151,11 +165,16 @@ def _rigid_and_affine(f: sitk.Image, m: sitk.Image, seed: int = 7, affine: bool 
     # From the rigid seed, minStep 1e-3 and 150 iterations per level took 40 % less time than
     # 1e-4 and 300 for the same brain Dice after the deformable step (bench_brain.py pairs); the
     # rigid stages keep 1e-4 (1e-3 stopped a rigid 10 degree search at 6.6 degrees).
-    return r, matrix_from_transform(_optimise(f, m, affine, seed, iterations=150, min_step=1e-3))
+    return r, matrix_from_transform(_optimise(f, m, affine, seed, iterations=150, min_step=1e-3,
+                                              masks=masks))
 
 
-def _metric(seed: int) -> sitk.ImageRegistrationMethod:
+def _metric(seed: int, masks=(None, None)) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
+    if masks[0] is not None:
+        reg.SetMetricFixedMask(masks[0])
+    if masks[1] is not None:
+        reg.SetMetricMovingMask(masks[1])
     reg.SetMetricAsMattesMutualInformation(32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(0.25, seed)
@@ -179,11 +198,11 @@ def _one_itk_thread():
 
 
 def _optimise(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, seed: int,
-              iterations: int, min_step: float = 1e-4):
+              iterations: int, min_step: float = 1e-4, masks=(None, None)):
     # A regular sample grid gives the same metric every iteration, so the step halves only when
     # the optimum is crossed and the optimiser stops at minStep instead of wandering in sampling
     # noise until the iteration limit (random samples: 2x the time, same brain Dice).
-    reg = _metric(seed)
+    reg = _metric(seed, masks)
     reg.SetMetricSamplingStrategy(reg.REGULAR)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=min_step,
                                                  numberOfIterations=iterations,
@@ -200,10 +219,11 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
                          f"enough): {str(exc).splitlines()[-1]}") from exc
 
 
-def _mutual_information_cost(f: sitk.Image, m: sitk.Image, a: np.ndarray, seed: int) -> float:
+def _mutual_information_cost(f: sitk.Image, m: sitk.Image, a: np.ndarray, seed: int,
+                             masks=(None, None)) -> float:
     """Mattes cost (negative mutual information: lower is better) of the fixed -> moving matrix
     ``a``; +inf when the images do not overlap under it."""
-    reg = _metric(seed)
+    reg = _metric(seed, masks)
     reg.SetMetricSamplingStrategy(reg.NONE)  # every voxel: a deterministic comparison
     tx = sitk.AffineTransform(3)
     tx.SetMatrix(a[:3, :3].ravel().tolist())
@@ -258,9 +278,9 @@ def foreground_overlap(f: sitk.Image, m: sitk.Image, a: np.ndarray) -> float:
     return 2.0 * float((fixed_fg & moving_fg).sum()) / total if total else 0.0
 
 
-def _worse(name, a, simpler_name, simpler, f, m, seed) -> str:
+def _worse(name, a, simpler_name, simpler, f, m, seed, masks=(None, None)) -> str:
     """Why ``a`` does not match better than the simpler ``simpler`` ("" if it does)."""
-    cost, simpler_cost = (_mutual_information_cost(f, m, x, seed) for x in (a, simpler))
+    cost, simpler_cost = (_mutual_information_cost(f, m, x, seed, masks) for x in (a, simpler))
     if cost >= simpler_cost:
         return f"its mutual information is no better than the {simpler_name} one's"
     overlap, simpler_overlap = (foreground_overlap(f, m, x) for x in (a, simpler))
@@ -271,18 +291,18 @@ def _worse(name, a, simpler_name, simpler, f, m, seed) -> str:
 
 
 def auto_alignment(fixed: sitk.Image, moving: sitk.Image, spacing: float | None = None,
-                   seed: int = 7) -> Alignment:
+                   seed: int = 7, masks=(None, None)) -> Alignment:
     """The "auto" choice: affine, else rigid, else none (see the module docstring)."""
     spacing = spacing or coarse_spacing(fixed)
     f, m = _coarse(fixed, spacing), _coarse(moving, spacing)
-    rigid, affine = _rigid_and_affine(f, m, seed)
+    rigid, affine = _rigid_and_affine(f, m, seed, masks=masks)
     identity = np.eye(4)
     rejected = []
-    why = implausible(affine) or _worse("affine", affine, "rigid", rigid, f, m, seed)
+    why = implausible(affine) or _worse("affine", affine, "rigid", rigid, f, m, seed, masks)
     chosen, method = (affine, "affine") if not why else (None, "")
     if why:
         rejected.append(f"the affine ({why})")
-        why = _worse("rigid", rigid, "unaligned", identity, f, m, seed)
+        why = _worse("rigid", rigid, "unaligned", identity, f, m, seed, masks)
         if why:
             rejected.append(f"the rigid ({why})")
         else:
@@ -305,11 +325,11 @@ def auto_matrix(fixed: sitk.Image, moving: sitk.Image, spacing: float | None = N
     return chosen.matrix, chosen.method
 
 
-def _requested(fixed: sitk.Image, moving: sitk.Image, method: str) -> Alignment:
+def _requested(fixed: sitk.Image, moving: sitk.Image, method: str, masks=(None, None)) -> Alignment:
     """A requested rigid or affine optimisation, with a warning when its result looks wrong."""
     spacing = coarse_spacing(fixed)
     f, m = _coarse(fixed, spacing), _coarse(moving, spacing)
-    a = _optimised_coarse(f, m, method)
+    a = _optimised_coarse(f, m, method, masks=masks)
     why = implausible(a) if method == "affine" else ""
     if not why:
         before, after = foreground_overlap(f, m, np.eye(4)), foreground_overlap(f, m, a)
@@ -321,9 +341,10 @@ def _requested(fixed: sitk.Image, moving: sitk.Image, method: str) -> Alignment:
 
 
 def choose_alignment(fixed: sitk.Image, moving: sitk.Image, method: str,
-                     transform=None) -> Alignment:
+                     transform=None, masks=(None, None)) -> Alignment:
     """The starting 4x4 LPS matrix (fixed point -> moving point) and how it was found: "given"
-    for a user transform, and for "auto" the method it chose ("affine", "rigid" or "none")."""
+    for a user transform, and for "auto" the method it chose ("affine", "rigid" or "none").
+    masks: (fixed, moving) uint8 masks or None (``masks.binary``)."""
     if transform is not None:
         a = np.asarray(transform, dtype=np.float64) if not isinstance(transform, sitk.Transform) \
             else matrix_from_transform(transform)
@@ -333,18 +354,18 @@ def choose_alignment(fixed: sitk.Image, moving: sitk.Image, method: str,
             raise InputError("the initial transform is singular (determinant 0)")
         return Alignment(a, "given")
     if method == "auto":
-        return auto_alignment(fixed, moving)
+        return auto_alignment(fixed, moving, masks=masks)
     if method == "none":
         return Alignment(np.eye(4), method)
     if method == "com":
-        return Alignment(center_of_mass_matrix(fixed, moving), method)
+        return Alignment(center_of_mass_matrix(fixed, moving, masks), method)
     if method in ("rigid", "affine"):
-        return _requested(fixed, moving, method)
+        return _requested(fixed, moving, method, masks)
     raise InputError(f"unknown initial alignment {method!r}; choose one of {', '.join(INITIAL_ALIGNMENTS)}")
 
 
 def initial_alignment(fixed: sitk.Image, moving: sitk.Image, method: str,
-                      transform=None) -> tuple[np.ndarray, str]:
+                      transform=None, masks=(None, None)) -> tuple[np.ndarray, str]:
     """``choose_alignment`` as ``(matrix, method)``."""
-    chosen = choose_alignment(fixed, moving, method, transform)
+    chosen = choose_alignment(fixed, moving, method, transform, masks)
     return chosen.matrix, chosen.method

@@ -7,7 +7,8 @@ level a voxel displacement ``u`` (array order, ``warped(p) = moving(p + u(p))``)
 greedily, as ANTs' and greedy's SyN-style optimisers do:
 
 * similarity: LNCC in a small box window, its gradient in closed form (ANTs' local
-  approximation: local means held constant), not through autograd;
+  approximation: local means held constant), not through autograd; with masks
+  (``masks.py``) the force is multiplied by the fixed mask and the warped moving mask;
 * step: the similarity gradient smoothed by a Gaussian (``gradient_sigma`` voxels, "fluid"),
   scaled by Adam's moments, with a cosine-decaying learning rate (voxels);
 * update: compositive, ``u <- d + u o (id + d)`` (a composition of small maps stays
@@ -197,7 +198,8 @@ def move_field(d_mm: torch.Tensor, source: geometry.Grid, target: geometry.Grid)
 def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
              start: tuple[torch.Tensor, geometry.Grid] | None = None, progress=None,
              cancel=None, time_budget_s: float | None = None,
-             timings: dict | None = None, device: torch.device | None = None) -> torch.Tensor:
+             timings: dict | None = None, device: torch.device | None = None,
+             masks=None) -> torch.Tensor:
     """The displacement (LPS mm, ``(3, *fixed_grid.shape)``) after the schedule.
 
     fixed_at(grid, scale_mm) / moving_at(grid, scale_mm): the normalised images ``(1, 1, *S)``
@@ -205,7 +207,8 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
     transform). start: an LPS-mm displacement ``(1, 3, *S)`` and its grid. timings, when
     given, receives the seconds of each level ("optimising 2 mm": preparing and iterating).
     device: where the levels are optimised (the images are prepared on the CPU); the result is
-    on the CPU.
+    on the CPU. masks: ``masks.level_masks``'s ``(grid) -> (fixed weight, moving mask)`` (each
+    ``(1, 1, *S)`` or None; the moving one warped by the field each step), or None.
     """
     device = device or torch.device("cpu")
     started = time.perf_counter()
@@ -222,6 +225,8 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
         fixed = fixed_at(level, scale).to(device)
         moving = moving_at(level, scale).to(device)
         lncc = _LNCC(fixed, schedule.window)
+        weight, moving_mask = (None, None) if masks is None else (
+            None if m is None else m.to(device) for m in masks(level))
         m1 = torch.zeros_like(u)
         m2 = torch.zeros_like(u)
         b1, b2 = 0.9, 0.999
@@ -232,6 +237,10 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
                 break
             warped = spatial.warp(moving, u, padding="border")
             force, _ = lncc.force(warped)
+            if weight is not None:
+                force = force * weight
+            if moving_mask is not None:
+                force = force * spatial.warp(moving_mask, u)
             grad = gaussian(-force * _gradient(warped), schedule.gradient_sigma)
             t = it + 1
             lr = schedule.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * it / iterations)))
@@ -249,7 +258,7 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
             if progress is not None:
                 progress(done / total)
         d_mm, grid = _to_mm(u.cpu(), level), level
-        del fixed, moving, lncc, m1, m2, u
+        del fixed, moving, lncc, m1, m2, u, weight, moving_mask
         if timings is not None:
             timings[f"optimising {scale:g} mm"] = round(time.perf_counter() - level_started, 3)
     if d_mm is None:

@@ -152,6 +152,10 @@ class RegistrationOptions:
     refine_seconds: float | None = None
     #: "lncc" or "mind"; None follows the contrast (LNCC for one, MIND-SSC for two)
     refine_similarity: str | None = None
+    #: also compute the inverse map (a moving-space point y -> the fixed-space point y + d'(y),
+    #: LPS mm on the moving image's grid, the initial linear part included); fixed labels given
+    #: to the engine imply it (they are carried into the moving space through it)
+    inverse: bool = False
 
     def __post_init__(self):
         model = self.model
@@ -177,6 +181,8 @@ class RegistrationOptions:
         }
         if self.network is not None and not isinstance(self.network, bool):
             raise InputError(f"network must be True, False or None, got {self.network!r}")
+        if not isinstance(self.inverse, bool):
+            raise InputError(f"inverse must be True or False, got {self.inverse!r}")
         if self.refine_seconds is not None:
             seconds = _number(self.refine_seconds, "the refinement time budget")
             if seconds <= 0:

@@ -17,6 +17,11 @@ Geometry at each step (see ``geometry.py`` for the conventions):
    maps to moving point x + d(x); what ``sitk.DisplacementFieldTransform`` takes), the moving
    image warped through it (ITK's linear rules), the physical Jacobian determinant, the folding
    mask (det <= 0) and labels warped by nearest neighbour.
+5. When asked for (``options.inverse``, or fixed labels given): the inverse on the moving grid
+   (``inverse.py``: moving point y maps to fixed point y + d'(y)) and the fixed labels carried
+   through it into the moving grid (nearest neighbour).
+
+Masks (``masks.py``) restrict the similarity of the alignment and of the optimisation.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import torch
 from EOIRRegistrationLib.core import geometry, metrics, qa, spatial
 from EOIRRegistrationLib.core.errors import DeviceError, InputError, RegistrationCancelled
 from EOIRRegistrationLib.core.intensity import normalize, outlier_bounds, window_of
-from EOIRRegistrationLib.engine import alignment, checks, optimise
+from EOIRRegistrationLib.engine import alignment, checks, inverse, masks, optimise
 from EOIRRegistrationLib.engine import contrast as contrast_test
 from EOIRRegistrationLib.engine.checks import check_image
 from EOIRRegistrationLib.engine.devices import COARSER_SPACING, is_out_of_memory, resolve_device
@@ -46,7 +51,7 @@ from EOIRRegistrationLib.engine.result import RegistrationResult
 
 ProgressCallback = Callable[[str, float], None]
 STAGES = ("loading model", "preparing images", "registering", "refining", "resampling",
-          "quality figures")
+          "inverting", "quality figures")
 
 
 def _cancelled(cancel) -> bool:
@@ -138,11 +143,23 @@ def run_network(loaded: LoadedModel, fixed: torch.Tensor, moving: torch.Tensor,
     return u.float().cpu()
 
 
-def _refine_on(fixed_w, moving_w, u, refine, on_step, cancel, device) -> torch.Tensor:
-    """The refinement on ``device`` (the network's); the result comes back to the CPU."""
+def _refine_on(fixed_w, moving_w, u, refine, on_step, cancel, weights, device) -> torch.Tensor:
+    """The refinement on ``device`` (the network's); the result comes back to the CPU.
+    weights: (fixed mask, moving mask) on the working grid, each None when not given."""
+    fixed_mask, moving_mask = (None if w is None else w.to(device) for w in weights)
     with torch.enable_grad():
         return refine_displacement(fixed_w.to(device), moving_w.to(device), u.to(device), refine,
-                                   progress=on_step, cancel=cancel).cpu()
+                                   progress=on_step, cancel=cancel, fixed_mask=fixed_mask,
+                                   moving_mask=moving_mask).cpu()
+
+
+def _labels_through(labels: sitk.Image, target: geometry.Grid, disp: torch.Tensor) -> sitk.Image:
+    """``labels`` (any grid) read at ``x + disp(x)`` for every voxel x of ``target``, by nearest
+    neighbour, on ``target`` in the labels' pixel type."""
+    coords = geometry.array_coords_of(target, geometry.Grid.from_image(labels), displacement=disp)
+    lab = geometry.sample_like_itk(geometry.image_to_tensor(labels, torch.float64), coords,
+                                   mode="nearest")[0, 0]
+    return geometry.tensor_to_image(lab.round().numpy(), target, labels.GetPixelID())
 
 
 def _with_cpu_fallback(run, device, requested: str, stages, stage: str, shape):
@@ -170,14 +187,19 @@ def _with_cpu_fallback(run, device, requested: str, stages, stage: str, shape):
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions | None = None,
-             *, moving_labels: sitk.Image | None = None, loaded_model: LoadedModel | None = None,
+             *, moving_labels: sitk.Image | None = None, fixed_labels: sitk.Image | None = None,
+             fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
+             loaded_model: LoadedModel | None = None,
              progress: ProgressCallback | None = None, cancel=None,
              **option_changes) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see the module docstring for the geometry.
 
     options: every choice of the run (``engine/options.py``); keyword ``option_changes`` (e.g.
     ``contrast="same"``) are applied on top of it. moving_labels: a label map of the moving
-    image, warped by nearest neighbour. loaded_model: an already loaded model, used instead of
+    image, warped by nearest neighbour onto the fixed grid. fixed_labels: a label map of the
+    fixed image, carried into the moving grid through the inverse (which it implies).
+    fixed_mask / moving_mask: where the similarity may match the images (nonzero voxels, any
+    grid; ``masks.py``). loaded_model: an already loaded model, used instead of
     loading ``options.model`` (a cohort loads it once). progress(stage, fraction) is called at
     each stage; cancel (threading.Event or callable) is polled between stages and raises
     RegistrationCancelled.
@@ -190,12 +212,18 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
         check_image(moving_labels, "moving label map", labels=True)
         warnings += checks.check_labels_on(moving_labels, moving, "moving label map",
                                            "moving image")
+    if fixed_labels is not None:
+        check_image(fixed_labels, "fixed label map", labels=True)
+    for mask, role in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
+        if mask is not None:
+            masks.check_mask(check_image(mask, role, labels=True), role)
     threads = torch.get_num_threads()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     stages = _Stages(progress, cancel)
     try:
-        return _register(fixed, moving, options, moving_labels, loaded_model, stages, warnings)
+        return _register(fixed, moving, options, (moving_labels, fixed_labels),
+                         (fixed_mask, moving_mask), loaded_model, stages, warnings)
     except (RuntimeError, MemoryError) as exc:  # the stages outside _with_cpu_fallback
         if not is_out_of_memory(exc):
             raise
@@ -223,9 +251,10 @@ def _alignment_words(chosen: alignment.Alignment) -> str:
     return f"after the initial alignment ({chosen.method})"
 
 
-def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded, stages,
+def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, loaded, stages,
               warnings):
     progress, cancel = stages.progress, stages.cancel
+    moving_labels, fixed_labels = labels
     refine = config_from_options(options)
     network = options.network
     stages.start("loading model")
@@ -240,7 +269,8 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
 
     stages.start("preparing images")
     chosen = alignment.choose_alignment(fixed, moving, options.initial_alignment,
-                                        options.initial_transform)
+                                        options.initial_transform,
+                                        [masks.binary(m) for m in given_masks])
     a, how = chosen.matrix, _alignment_words(chosen)
     warnings += [chosen.warning] if chosen.warning else []
     warnings += checks.check_overlap(fixed, moving, a, how)
@@ -295,14 +325,17 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
                 lambda d: optimise.optimise(*level_images, fixed_grid, schedule, start=start,
                                             progress=on_step, cancel=cancel,
                                             time_budget_s=refine.time_budget_s,
-                                            timings=stages.timings, device=d),
+                                            timings=stages.timings, device=d,
+                                            masks=masks.level_masks(*given_masks, affine)),
                 dev, requested, stages, "refining", fixed_grid.shape)
             refinement = {"similarity": "lncc", "preset": options.preset,
                           "scales_mm": list(schedule.scales_mm),
                           "iterations": list(schedule.iterations)}
         else:
+            weights = masks.level_masks(*given_masks, affine)
             u, dev = _with_cpu_fallback(
-                partial(_refine_on, fixed_w, moving_w, u, refine, on_step, cancel), dev,
+                partial(_refine_on, fixed_w, moving_w, u, refine, on_step, cancel,
+                        (None, None) if weights is None else weights(wgrid)), dev,
                 requested, stages, "refining", shape)
             refinement = {"similarity": refine.similarity, "iterations": refine.iterations,
                           "sample_fraction": refine.sample_fraction}
@@ -314,24 +347,28 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
     if disp is None:  # the working grid's field -> LPS mm interpolated at the fixed grid's voxels
         disp = optimise.move_field(_working_mm(u, wgrid), wgrid, fixed_grid)[0]
     del u
+    moving_grid = geometry.Grid.from_image(moving)
+    deformable = disp  # the inverse inverts the matrix exactly, apart from the deformable part
     if affine is not None:
         disp = _include_affine(disp, fixed_grid, affine)
-    moving_grid = geometry.Grid.from_image(moving)
     coords = geometry.array_coords_of(fixed_grid, moving_grid, displacement=disp)
     warped = geometry.sample_like_itk(moving_t, coords)[0, 0]
     del coords, moving_t
     warped_labels = None
     if moving_labels is not None:
-        label_grid = geometry.Grid.from_image(moving_labels)
-        coords = geometry.array_coords_of(fixed_grid, label_grid, displacement=disp)
-        lab = geometry.sample_like_itk(geometry.image_to_tensor(moving_labels, torch.float64),
-                                       coords, mode="nearest")[0, 0]
-        del coords
-        warped_labels = geometry.tensor_to_image(lab.round().numpy(), fixed_grid,
-                                                 moving_labels.GetPixelID())
-        if not bool(lab.any()) and sitk.GetArrayViewFromImage(moving_labels).any():
+        warped_labels = _labels_through(moving_labels, fixed_grid, disp)
+        if (not sitk.GetArrayViewFromImage(warped_labels).any()
+                and sitk.GetArrayViewFromImage(moving_labels).any()):
             warnings.append("the warped labels are empty: the deformation moved every "
                             "labelled voxel out of the fixed image's field of view")
+    inverse_disp = inverse_qa = labels_in_moving = None
+    if options.inverse or fixed_labels is not None:
+        stages.start("inverting")
+        inverse_disp, inverse_qa = inverse.invert(deformable, fixed_grid, moving_grid, affine)
+        if fixed_labels is not None:
+            labels_in_moving = _labels_through(fixed_labels, moving_grid, inverse_disp)
+        inverse_disp = geometry.displacement_to_image(inverse_disp, moving_grid)
+    del deformable
 
     stages.start("quality figures")
     det = metrics.jacobian_determinant(disp, fixed_grid)
@@ -345,7 +382,9 @@ def _register(fixed, moving, options: RegistrationOptions, moving_labels, loaded
         working_spacing=tuple(wgrid.spacing), initial_matrix=a,
         initial_alignment=chosen.method, initial_alignment_note=chosen.note,
         network=network, contrast=contrast, contrast_correlation=correlation,
-        refinement=refinement, warnings=list(warnings))
+        refinement=refinement, warnings=list(warnings), inverse_displacement=inverse_disp,
+        fixed_labels_in_moving=labels_in_moving, inverse_qa=inverse_qa,
+        masks=tuple(role for role, m in zip(("fixed", "moving"), given_masks) if m is not None))
     stages.done()
     result.timings = dict(stages.timings)
     return result

@@ -7,6 +7,8 @@ two, evaluated at a fresh random tenth of the voxels each step), integrates it b
 squaring, and composes the resulting residual map with the starting displacement:
 ``u = u_init o (id + exp(v))`` — a composition of diffeomorphisms, so a fold-free start stays
 fold-free up to discretisation. Works in the spatial core's voxel convention on the working grid.
+With masks (``masks.py``) the similarity is a weighted mean: each voxel weighs the fixed mask
+times the moving mask warped with the moving image.
 """
 from __future__ import annotations
 
@@ -117,10 +119,19 @@ def _residual_at(v: torch.Tensor, points: torch.Tensor, shape, steps: int) -> to
     return spatial.sample(disp, coarse, padding="border").view(1, 3, -1) / ratio.view(1, 3, 1)
 
 
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` weighted by ``weights`` (0 where nothing is weighted)."""
+    weights = torch.broadcast_to(weights, values.shape)
+    return (values * weights).sum() / weights.sum().clamp_min(1e-6)
+
+
 def refine_displacement(fixed: torch.Tensor, moving: torch.Tensor,
                         initial: torch.Tensor | None = None, cfg: RefineConfig | None = None,
-                        progress=None, cancel=None) -> torch.Tensor:
-    """Refined voxel displacement ``(1, 3, *S)`` on the working grid of ``fixed``/``moving``."""
+                        progress=None, cancel=None, fixed_mask: torch.Tensor | None = None,
+                        moving_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Refined voxel displacement ``(1, 3, *S)`` on the working grid of ``fixed``/``moving``.
+    fixed_mask / moving_mask: ``(1, 1, *S)`` weights in [0, 1] on the working grid (the moving
+    one as the moving image is: read through the initial alignment, not yet warped)."""
     cfg = (cfg or RefineConfig()).resolved()
     if cfg.similarity not in REFINE_SIMILARITIES:
         raise ValueError(f"unknown refinement similarity {cfg.similarity!r}; choose one of "
@@ -141,9 +152,14 @@ def refine_displacement(fixed: torch.Tensor, moving: torch.Tensor,
         # map r gives moving(y + initial(y)) at y = x + r(x), which is the moving image warped
         # by compose(initial, r) (up to one more interpolation), at a third of the cost.
         moving_s = spatial.warp(spatial.gaussian_blur(moving, 0.5), initial)
+        # the moving mask rides with the moving image: through the start now, the residual later
+        moving_w = None if moving_mask is None else spatial.warp(moving_mask, initial)
+        masked = fixed_mask is not None or moving_mask is not None
         if cfg.similarity == "mind":  # descriptors once; the moving ones are warped (12 channels)
             fixed_s, moving_s = losses.mind_ssc(fixed_s), losses.mind_ssc(moving_s)
-            similarity = lambda w: losses.mse_loss(fixed_s, w)
+            similarity = lambda w, weights=None: (
+                losses.mse_loss(fixed_s, w) if weights is None
+                else _weighted_mean((fixed_s - w).pow(2).mean(1, keepdim=True), weights))
         else:
             similarity = losses.LNCCToFixed(fixed_s, cfg.window)
     start = time.perf_counter()
@@ -166,15 +182,31 @@ def refine_displacement(fixed: torch.Tensor, moving: torch.Tensor,
         grid = spatial.identity_grid(shape, fixed.device, fixed.dtype).view(3, -1)
         fixed_flat, moving_s = fixed_s.flatten(2), moving_s.detach()
 
+    def weights_of(r, fixed_weight):
+        """The fixed weight times the moving mask read through ``r``: a residual displacement
+        ``(1, 3, *S)``, or the moved points ``(1, 3, N)`` of the sampled similarity (None:
+        unmasked)."""
+        if not masked:
+            return None
+        w = fixed_weight if fixed_weight is not None else 1.0
+        if moving_w is not None:
+            w = w * (spatial.warp(moving_w, r) if r.dim() == 5 else
+                     spatial.sample(moving_w, r.view(1, 3, -1, 1, 1)).flatten(2))
+        return w
+
     def loss_of(v_):
         if not sampled:
-            return similarity(spatial.warp(moving_s, residual(v_)))
+            r = residual(v_)
+            return similarity(spatial.warp(moving_s, r), weights_of(r, fixed_mask))
         # sorted: neighbouring points read neighbouring memory
         idx = torch.randperm(voxels, generator=draws)[:count].sort().values.to(fixed.device)
         points = grid[:, idx]
         moved = points.unsqueeze(0) + _residual_at(v_, points, shape, cfg.integration_steps)
         warped = spatial.sample(moving_s, moved.view(1, 3, -1, 1, 1)).flatten(2)
-        return (warped - fixed_flat[:, :, idx]).pow(2).mean()
+        squared = (warped - fixed_flat[:, :, idx]).pow(2)
+        weights = weights_of(moved, None if fixed_mask is None else fixed_mask.flatten(2)[:, :, idx])
+        return squared.mean() if weights is None else _weighted_mean(squared.mean(1, keepdim=True),
+                                                                     weights)
 
     for it in range(cfg.iterations):
         if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):

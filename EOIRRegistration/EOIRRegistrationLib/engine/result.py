@@ -8,7 +8,9 @@ without it).
 Every image lies on the fixed image's grid. ``displacement``: 3-component float64 vectors in LPS
 millimetres, resampling direction (the fixed-space point x maps to the moving-space point
 x + d(x)), the initial linear alignment included. ``initial_matrix``: 4x4 LPS, fixed point ->
-moving point.
+moving point. The two images of the inverse direction lie on the moving image's grid:
+``inverse_displacement`` (LPS mm, the moving-space point y maps to the fixed-space point
+y + d'(y); computed when asked for, ``engine/inverse.py``) and ``fixed_labels_in_moving``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import SimpleITK as sitk
 from EOIRRegistrationLib.engine.options import RegistrationOptions
 
 #: the images of a result, in the order they are saved
-IMAGES = ("displacement", "warped", "jacobian", "folding", "warped_labels")
+IMAGES = ("displacement", "warped", "jacobian", "folding", "warped_labels", "inverse_displacement",
+          "fixed_labels_in_moving")
 _SUMMARY_FILE = "result.json"
 
 
@@ -55,6 +58,16 @@ class RegistrationResult:
     #: what the user must know about this result (a partial overlap of the inputs, a doubtful
     #: requested alignment): the command line prints them and writes them to report.json
     warnings: list = field(default_factory=list)
+    #: vector float64, moving grid, LPS mm, moving point y -> fixed point y + d'(y); None unless
+    #: asked for (``options.inverse``, or fixed labels given)
+    inverse_displacement: sitk.Image | None = None
+    #: the fixed label map carried into the moving grid through the inverse (nearest neighbour)
+    fixed_labels_in_moving: sitk.Image | None = None
+    #: how exact the inverse is (``engine/inverse.py``): iterations, mean_residual_mm,
+    #: max_residual_mm (|forward(inverse(y)) - y| inside the fixed field of view), inside_percent
+    inverse_qa: dict | None = None
+    #: the similarity masks used: a subset of ("fixed", "moving")
+    masks: tuple = ()
 
     @property
     def method(self) -> str:
@@ -102,6 +115,8 @@ class RegistrationResult:
             "qa": {k: float(v) for k, v in self.qa.items()},
             "timings": {k: float(v) for k, v in self.timings.items()},
             "warnings": [str(w) for w in self.warnings],
+            "inverse": None if self.inverse_qa is None else dict(self.inverse_qa),
+            "masks": list(self.masks),
         }
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -136,7 +151,9 @@ class RegistrationResult:
                    contrast=info["contrast"],
                    contrast_correlation=math.nan if r is None else float(r),
                    refinement=info["refinement"], timings=dict(info["timings"]),
-                   warnings=list(info.get("warnings", [])))
+                   warnings=list(info.get("warnings", [])),
+
+                   inverse_qa=info.get("inverse"), masks=tuple(info.get("masks", ())))
 
     @classmethod
     def saved_in(cls, folder: str | os.PathLike) -> bool:

@@ -5,8 +5,9 @@ which also runs with the Qt-free ``slicer-core`` wheel (tests, batch scripts out
 application). The work is split in three steps so that a GUI can run the heavy middle one off the
 GUI thread:
 
-1. :meth:`RegistrationLogic.prepareInputs` (thread owning the scene): reads the volumes (and the
-   moving segmentation or label map) into SimpleITK images in LPS. The scene is not modified.
+1. :meth:`RegistrationLogic.prepareInputs` (thread owning the scene): reads the volumes (the
+   moving and fixed segmentations or label maps, and the masks) into SimpleITK images in LPS.
+   The scene is not modified.
 2. :meth:`RegistrationLogic.runEngine` (any thread): the engine's ``register`` with a
    ``RegistrationOptions``; never touches MRML.
 3. :meth:`RegistrationLogic.createOutputs` (thread owning the scene): ``outputs.py``, one
@@ -65,6 +66,35 @@ class RegistrationInputs:
     movingLabels: Optional[sitk.Image] = None
     segments: list = field(default_factory=list)  # SegmentInfo for a segmentation node
     labelsKind: Optional[str] = None  # "segmentation", "labelmap" or None
+    #: the fixed segmentation or label map, carried into the moving space (through the inverse)
+    fixedSegmentationNode: object = None
+    fixedLabels: Optional[sitk.Image] = None
+    fixedSegments: list = field(default_factory=list)
+    fixedLabelsKind: Optional[str] = None
+    #: similarity masks (nonzero: used), LPS, on the grid of their volume
+    fixedMask: Optional[sitk.Image] = None
+    movingMask: Optional[sitk.Image] = None
+
+    def engineImages(self) -> dict:
+        """The optional images ``register`` takes, by its keyword names: the moving labels (or
+        None) and those of the others that were given."""
+        images = {"fixed_labels": self.fixedLabels, "fixed_mask": self.fixedMask,
+                  "moving_mask": self.movingMask}
+        return {"moving_labels": self.movingLabels,
+                **{name: image for name, image in images.items() if image is not None}}
+
+
+def readLabels(node, referenceVolumeNode, scene, role: str, ignoreTransformNode=None):
+    """A segmentation (every segment, on the reference volume's grid) or a label map volume as
+    (label image LPS, segments, "segmentation" | "labelmap")."""
+    if node.IsA("vtkMRMLSegmentationNode"):
+        labels, segments = segmentations.segmentationToLabelImage(
+            node, referenceVolumeNode, scene, ignoreTransformNode=ignoreTransformNode)
+        return labels, segments, "segmentation"
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return (bridge.volumeNodeToImage(node, ignoreTransformNode=ignoreTransformNode), [],
+                "labelmap")
+    raise InputError(f"the {role} must be a segmentation or a label map volume")
 
 
 class RegistrationLogic:
@@ -77,8 +107,11 @@ class RegistrationLogic:
 
     # -- step 1 -------------------------------------------------------------------------------
     def prepareInputs(self, fixedVolumeNode, movingVolumeNode, movingSegmentationNode=None,
-                      outputTransformNode=None, outputVolumeNode=None) -> RegistrationInputs:
-        """Read the inputs into SimpleITK images (world LPS geometry) and check the choices."""
+                      outputTransformNode=None, outputVolumeNode=None,
+                      fixedSegmentationNode=None, fixedMaskNode=None,
+                      movingMaskNode=None) -> RegistrationInputs:
+        """Read the inputs into SimpleITK images (world LPS geometry) and check the choices.
+        Masks and label inputs are segmentations (every segment) or label map volumes."""
         if fixedVolumeNode is None or movingVolumeNode is None:
             raise InputError("select both a fixed and a moving volume")
         for node, what in ((fixedVolumeNode, "fixed"), (movingVolumeNode, "moving")):
@@ -105,18 +138,18 @@ class RegistrationLogic:
         inputs = RegistrationInputs(fixedVolumeNode, movingVolumeNode, fixedImage, movingImage)
         if movingSegmentationNode is not None:
             inputs.movingSegmentationNode = movingSegmentationNode
-            if movingSegmentationNode.IsA("vtkMRMLSegmentationNode"):
-                labels, segments = segmentations.segmentationToLabelImage(
-                    movingSegmentationNode, movingVolumeNode, self.scene,
-                    ignoreTransformNode=ignore)
-                inputs.movingLabels, inputs.segments = labels, segments
-                inputs.labelsKind = "segmentation"
-            elif movingSegmentationNode.IsA("vtkMRMLLabelMapVolumeNode"):
-                inputs.movingLabels = bridge.volumeNodeToImage(movingSegmentationNode,
-                                                               ignoreTransformNode=ignore)
-                inputs.labelsKind = "labelmap"
-            else:
-                raise InputError("the moving labels must be a segmentation or a label map volume")
+            inputs.movingLabels, inputs.segments, inputs.labelsKind = readLabels(
+                movingSegmentationNode, movingVolumeNode, self.scene, "moving labels", ignore)
+        if fixedSegmentationNode is not None:
+            inputs.fixedSegmentationNode = fixedSegmentationNode
+            inputs.fixedLabels, inputs.fixedSegments, inputs.fixedLabelsKind = readLabels(
+                fixedSegmentationNode, fixedVolumeNode, self.scene, "fixed labels")
+        if fixedMaskNode is not None:
+            inputs.fixedMask = readLabels(fixedMaskNode, fixedVolumeNode, self.scene,
+                                          "fixed mask")[0]
+        if movingMaskNode is not None:
+            inputs.movingMask = readLabels(movingMaskNode, movingVolumeNode, self.scene,
+                                           "moving mask", ignore)[0]
         return inputs
 
     # -- step 2 -------------------------------------------------------------------------------
@@ -130,7 +163,7 @@ class RegistrationLogic:
                                         else cancelEvent()):
             raise RegistrationCancelled("registration cancelled")
         return _engineRegister()(inputs.fixedImage, inputs.movingImage, options,
-                                 moving_labels=inputs.movingLabels,
+                                 **inputs.engineImages(),
                                  progress=engineProgress(progressCallback), cancel=cancelEvent)
 
     # -- step 3 -------------------------------------------------------------------------------
@@ -143,7 +176,8 @@ class RegistrationLogic:
     def registerVolumes(self, fixedVolumeNode, movingVolumeNode,
                         options: RegistrationOptions | None = None, outputTransformNode=None,
                         outputVolumeNode=None, movingSegmentationNode=None, showJacobian=True,
-                        showFolding=True,
+                        showFolding=True, fixedSegmentationNode=None, fixedMaskNode=None,
+                        movingMaskNode=None,
                         progressCallback: Callable[[str, float], None] | None = None,
                         cancelEvent=None, **optionChanges) -> RegistrationOutputs:
         """Register the moving volume to the fixed volume (blocking) and return the result nodes
@@ -161,6 +195,13 @@ class RegistrationLogic:
             fixed grid; None: no warped volume (the moving volume is shown through the transform).
         :param movingSegmentationNode: segmentation or label map on the moving volume to
             propagate (nearest neighbour) into a new node on the fixed grid.
+        :param fixedSegmentationNode: segmentation or label map on the fixed volume to carry into
+            the moving space (implies the inverse): a new node on the moving grid, under the
+            output transform like the moving volume.
+        :param fixedMaskNode, movingMaskNode: segmentations or label maps; where the similarity
+            may match the images (e.g. leave out a lesion present in one image only).
+        The inverse (``inverse=True``, or a fixed segmentation) becomes a second grid transform
+        node, moving space -> fixed space (``RegistrationOutputs.inverseTransformNode``).
         :param showJacobian: add the Jacobian determinant volume as foreground overlay.
         :param showFolding: add the folding (det <= 0) label map in red.
         :param progressCallback: ``f(stage: str, fraction: float)``, fraction of the whole run.
@@ -172,7 +213,8 @@ class RegistrationLogic:
         if progressCallback is not None:
             progressCallback("reading volumes", 0.0)
         inputs = self.prepareInputs(fixedVolumeNode, movingVolumeNode, movingSegmentationNode,
-                                    outputTransformNode, outputVolumeNode)
+                                    outputTransformNode, outputVolumeNode,
+                                    fixedSegmentationNode, fixedMaskNode, movingMaskNode)
         if progressCallback is not None:
             progressCallback("reading volumes", PREPARE_END)
         result = self.runEngine(inputs, options, progressCallback=progressCallback,

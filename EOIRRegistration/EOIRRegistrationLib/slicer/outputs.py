@@ -2,7 +2,11 @@
 
 The grid transform (the displacement in RAS, resampling direction, the moving volume placed under
 it), the Jacobian-determinant overlay, the folding label map, an optional warped volume and the
-propagated segmentation or label map. After an error or a cancel every node added is removed
+propagated segmentation or label map; when the engine computed the inverse, a second grid
+transform (the inverse direction: TransformFromParent maps a moving-space point to a fixed-space
+point, on the moving grid; put the fixed volume under it to see it in the moving space) and the
+fixed segmentation or label map carried into the moving grid (placed under the output transform,
+like the moving volume it belongs to). After an error or a cancel every node added is removed
 again and every node changed is put back (``transaction.py``). No Qt, no torch.
 """
 from __future__ import annotations
@@ -35,6 +39,8 @@ class RegistrationOutputs:
     foldingVolumeNode: object = None
     warpedVolumeNode: object = None
     warpedSegmentationNode: object = None
+    inverseTransformNode: object = None          # moving space -> fixed space (grid transform)
+    fixedSegmentationInMovingNode: object = None  # the fixed labels on the moving grid
 
     @property
     def qa(self) -> dict:
@@ -94,7 +100,7 @@ def createOutputs(scene, inputs, result: RegistrationResult, outputTransformNode
     """Put the engine's result into ``scene`` (one transaction, see the module docstring)."""
     fixedNode, movingNode = inputs.fixedVolumeNode, inputs.movingVolumeNode
     transaction = SceneTransaction(scene)
-    steps = ["transform", "jacobian", "folding", "warped volume", "labels", "views"]
+    steps = ["transform", "jacobian", "folding", "warped volume", "labels", "inverse", "views"]
 
     def step(index, name):
         _checkCancelled(cancelEvent)
@@ -171,19 +177,15 @@ def createOutputs(scene, inputs, result: RegistrationResult, outputTransformNode
         if inputs.labelsKind is not None and labels is not None:
             sourceName = inputs.movingSegmentationNode.GetName()
             name = scene.GenerateUniqueName(f"{sourceName} registered")
-            if inputs.labelsKind == "segmentation":
-                warpedLabelsNode = transaction.added(segmentations.labelImageToSegmentationNode(
-                    labels, scene, name, inputs.segments, referenceVolumeNode=fixedNode))
-            else:
-                labelImage = sitk.Cast(labels, inputs.movingLabels.GetPixelID())
-                warpedLabelsNode = transaction.added(bridge.imageToVolumeNode(
-                    labelImage, scene, name, className="vtkMRMLLabelMapVolumeNode"))
-                sourceDisplay = inputs.movingSegmentationNode.GetDisplayNode()
-                if sourceDisplay is not None and sourceDisplay.GetColorNodeID():
-                    warpedLabelsNode.GetDisplayNode().SetAndObserveColorNodeID(
-                        sourceDisplay.GetColorNodeID())
+            warpedLabelsNode = _labelsNode(scene, transaction, labels, name, inputs.labelsKind,
+                                           inputs.segments, inputs.movingSegmentationNode,
+                                           fixedNode, inputs.movingLabels.GetPixelID())
 
-        step(5, "slice views")
+        step(5, "inverse")
+        inverseNode, fixedLabelsNode = _createInverse(scene, transaction, inputs, result,
+                                                      transformNode)
+
+        step(6, "slice views")
         _recordSliceViews(scene, transaction)
         display.setSliceViewerLayers(
             scene, background=fixedNode,
@@ -198,7 +200,50 @@ def createOutputs(scene, inputs, result: RegistrationResult, outputTransformNode
     return RegistrationOutputs(
         transformNode=transformNode, result=result, jacobianVolumeNode=jacobianNode,
         foldingVolumeNode=foldingNode, warpedVolumeNode=warpedNode,
-        warpedSegmentationNode=warpedLabelsNode)
+        warpedSegmentationNode=warpedLabelsNode, inverseTransformNode=inverseNode,
+        fixedSegmentationInMovingNode=fixedLabelsNode)
+
+
+def _labelsNode(scene, transaction, labels, name, kind, segments, sourceNode, referenceNode,
+                pixelType):
+    """A new segmentation (the source's segment names, colours and IDs) or label map volume
+    (the source's colour table) holding ``labels``."""
+    if kind == "segmentation":
+        return transaction.added(segmentations.labelImageToSegmentationNode(
+            labels, scene, name, segments, referenceVolumeNode=referenceNode))
+    node = transaction.added(bridge.imageToVolumeNode(
+        sitk.Cast(labels, pixelType), scene, name, className="vtkMRMLLabelMapVolumeNode"))
+    sourceDisplay = sourceNode.GetDisplayNode()
+    if sourceDisplay is not None and sourceDisplay.GetColorNodeID():
+        node.GetDisplayNode().SetAndObserveColorNodeID(sourceDisplay.GetColorNodeID())
+    return node
+
+
+def _createInverse(scene, transaction, inputs, result, transformNode):
+    """The inverse grid transform node and the fixed labels on the moving grid (None, None when
+    the engine computed no inverse)."""
+    if result.inverse_displacement is None:
+        return None, None
+    fixedNode, movingNode = inputs.fixedVolumeNode, inputs.movingVolumeNode
+    inverseNode = transaction.added(scene.AddNewNodeByClass(
+        "vtkMRMLGridTransformNode",
+        scene.GenerateUniqueName(f"{fixedNode.GetName()} to {movingNode.GetName()} (EOIR inverse)")))
+    bridge.setGridTransformFromDisplacement(inverseNode, result.inverse_displacement)
+    # the inverse moves the fixed volume onto the moving one
+    bridge.setRegistrationReferences(inverseNode, movingNode, fixedNode)
+    labels = result.fixed_labels_in_moving
+    if inputs.fixedLabelsKind is None or labels is None:
+        return inverseNode, None
+    source = inputs.fixedSegmentationNode
+    node = _labelsNode(scene, transaction, labels,
+                       scene.GenerateUniqueName(f"{source.GetName()} in {movingNode.GetName()}"),
+                       inputs.fixedLabelsKind, inputs.fixedSegments, source, movingNode,
+                       inputs.fixedLabels.GetPixelID())
+    # on the moving grid in the moving volume's world (the output transform ignored): it goes
+    # where the moving volume goes, under the output transform
+    transaction.undo.add(node.SetAndObserveTransformNodeID, node.GetTransformNodeID())
+    node.SetAndObserveTransformNodeID(transformNode.GetID())
+    return inverseNode, node
 
 
 

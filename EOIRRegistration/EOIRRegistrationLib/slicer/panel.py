@@ -21,7 +21,8 @@ def optionsFromParameterNode(p) -> RegistrationOptions:
         preset=p.preset,
         refine_iterations=None if p.refineIterations < 0 else p.refineIterations,
         refine_seconds=p.refineSeconds if p.refineSeconds > 0 else None,
-        refine_similarity=None if p.refineSimilarity == "auto" else p.refineSimilarity)
+        refine_similarity=None if p.refineSimilarity == "auto" else p.refineSimilarity,
+        inverse=bool(p.computeInverse))
 
 
 def progressText(stage: str, elapsed: float, remaining: float | None) -> str:

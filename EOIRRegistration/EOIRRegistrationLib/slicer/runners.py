@@ -164,6 +164,12 @@ class ProcessRegistration:
                 sitk.WriteImage(self.inputs.movingLabels, str(self.jobDir / "labels.mha"),
                                 useCompression=False)
                 job["labels"] = "labels.mha"
+            for key, image in (("fixed_labels", self.inputs.fixedLabels),
+                               ("fixed_mask", self.inputs.fixedMask),
+                               ("moving_mask", self.inputs.movingMask)):
+                if image is not None:
+                    sitk.WriteImage(image, str(self.jobDir / f"{key}.mha"), useCompression=False)
+                    job[key] = f"{key}.mha"
             with open(self.jobDir / worker.JOB_FILE, "w", encoding="utf-8") as f:
                 json.dump(job, f)
             self._log = open(self.jobDir / worker.LOG_FILE, "w", encoding="utf-8")

@@ -8,8 +8,10 @@ MRML, no Qt and not even ``slicer``; it talks to the panel through files in ``JO
 files in UTF-8):
 
 * ``job.json`` (in): ``{"options": RegistrationOptions.to_dict(), "fixed", "moving", "labels"
-  (file names, labels may be null), "engine" (null, or ``module:function`` for tests)}``;
-* ``fixed.mha``, ``moving.mha`` and optionally ``labels.mha`` (in): LPS images;
+  (file names, labels may be null), optionally "fixed_labels", "fixed_mask", "moving_mask"
+  (file names), "engine" (null, or ``module:function`` for tests)}``;
+* ``fixed.mha``, ``moving.mha`` and optionally ``labels.mha``, ``fixed_labels.mha``,
+  ``fixed_mask.mha``, ``moving_mask.mha`` (in): LPS images;
 * ``cancel`` (in): created by the panel to ask for a stop (polled between engine stages);
 * ``progress.json`` (out): ``{"stage": str, "fraction": float}``, replaced atomically;
 * the engine's ``RegistrationResult.save`` (out: its images as ``.mha`` and ``result.json``,
@@ -114,8 +116,10 @@ def run(jobDir: str | os.PathLike) -> int:
         fixed = sitk.ReadImage(str(jobDir / job["fixed"]))
         moving = sitk.ReadImage(str(jobDir / job["moving"]))
         labels = sitk.ReadImage(str(jobDir / job["labels"])) if job.get("labels") else None
+        extra = {key: sitk.ReadImage(str(jobDir / job[key]))
+                 for key in ("fixed_labels", "fixed_mask", "moving_mask") if job.get(key)}
         result = register(fixed, moving, options, moving_labels=labels, progress=progress,
-                          cancel=cancelled)
+                          cancel=cancelled, **extra)
         result.save(jobDir)
         return EXIT_OK
     except BaseException as exc:  # reported to the panel, which shows the reason
