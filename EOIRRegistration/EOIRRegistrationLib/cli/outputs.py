@@ -17,8 +17,10 @@ OUTPUT_FILES = ("displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding
 def register_files(fixed_path: str, moving_path: str, output_dir: str,
                    options: RegistrationOptions, moving_labels: str | None = None,
                    fixed_labels: str | None = None, png: bool = True, overwrite: bool = False,
-                   progress=None, extra_report: dict | None = None) -> dict:
-    """Read, register, write; returns the report (also written to ``report.json``)."""
+                   progress=None, extra_report: dict | None = None, loaded_model=None) -> dict:
+    """Read, register, write; returns the report (also written to ``report.json``).
+    loaded_model: the ``LoadedModel`` of ``options.model`` when the caller already holds it (a
+    cohort loads it once per process, ``batch_pair.py``); None loads it here."""
     import SimpleITK as sitk
 
     from EOIRRegistrationLib import __version__
@@ -36,7 +38,7 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
     if fixed_lab is not None:  # the engine checks the moving labels; these only serve the Dice
         check_image(fixed_lab, "fixed label map", labels=True)
         label_warnings = check_labels_on(fixed_lab, fixed, "fixed label map", "fixed image")
-    loaded = resolve_model(options.model)
+    loaded = resolve_model(options.model if loaded_model is None else loaded_model)
     t_read = time.perf_counter() - t0
     result = register(fixed, moving, options, moving_labels=moving_lab, loaded_model=loaded,
                       progress=progress)

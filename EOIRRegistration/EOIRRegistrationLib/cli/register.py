@@ -35,6 +35,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--moving-labels", help="label map of the moving image to warp (nearest)")
     p.add_argument("--fixed-labels", help="label map of the fixed image: reports Dice")
+    add_registration_options(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this command's files in an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def add_registration_options(p: argparse.ArgumentParser) -> None:
+    """The flags of ``RegistrationOptions`` (read back by ``options_from_args``) and --no-png:
+    shared by eoir-register and eoir-batch."""
     p.add_argument("--model", default=DEFAULTS.model,
                    help="bundled model name (see eoir-models) or a model file path")
     p.add_argument("--device", default=DEFAULTS.device, choices=DEVICES)
@@ -80,10 +90,6 @@ def parser() -> argparse.ArgumentParser:
                    help="similarity of the refinement (default: follows --contrast): lncc (one "
                         "contrast) or mind (MIND-SSC descriptors, two contrasts, e.g. T1 and T2)")
     p.add_argument("--no-png", action="store_true", help="skip overview.png")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace this command's files in an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return p
 
 
 def read_initial_transform(path: str | None):
