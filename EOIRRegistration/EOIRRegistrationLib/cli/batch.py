@@ -171,8 +171,11 @@ def dask_client(scheduler: str | None, workers: int):
 
 
 def has_dask() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("distributed") is not None
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -202,6 +205,8 @@ def main(argv=None) -> int:
                 print(f"eoir-batch: one worker (for {workers} in parallel: {EXTRA_HINT})",
                       file=sys.stderr)
                 workers, threads = plan_workers(1, args.threads, 1, usable_cores())
+        if args.scheduler is not None or workers > 1:
+            dask_distributed()  # missing: one clear error before anything is written
         options = options.replace(threads=threads)
         if todo:
             from EOIRRegistrationLib.cli.batch_pair import cached_model
