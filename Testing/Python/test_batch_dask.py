@@ -118,3 +118,29 @@ def test_a_killed_driver_resumes_with_only_the_missing_pairs(tmp_path):
     assert {i for i in ids if rows[i]["status"] == "registered"} == set(ids) - done
     with open(out / "batch_summary.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(ids)
+
+
+def test_the_jobqueue_example_of_docs_batch_md_makes_a_slurm_job(tmp_path):
+    """The YAML and the script of docs/batch.md: dask-jobqueue reads the configuration and
+    writes a job of 8 one-thread workers on 8 cores; the script's arguments are eoir-batch's."""
+    import re
+
+    import dask
+    import yaml
+    jobqueue = pytest.importorskip("dask_jobqueue", reason="the cluster example's dependency")
+    text = (ENGINE_DIR.parent / "docs" / "batch.md").read_text()
+    config = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    script = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    # as Dask merges a configuration file into its defaults
+    flat = {f"jobqueue.slurm.{key}": value for key, value in config["jobqueue"]["slurm"].items()}
+    with dask.config.set(flat), jobqueue.SLURMCluster(scheduler_options={
+            "dashboard_address": None}) as cluster:
+        job = cluster.job_script()
+    assert "#SBATCH --cpus-per-task=8" in job and "#SBATCH -p normal" in job
+    assert "--nthreads 1 " in job and "--nworkers 8 " in job
+    assert "source ~/venvs/eoir/bin/activate" in job
+    call = re.search(r"main\((\[.*?\])\)\)", script, re.S).group(1)
+    argv = eval(call, {"manifest": "c.csv", "output_dir": "out",  # noqa: S307 - our own docs
+                       "cluster": type("C", (), {"scheduler_address": "tcp://head:8786"})})
+    args = batch.parser().parse_args(argv)
+    assert args.scheduler == "tcp://head:8786" and args.threads == 1
