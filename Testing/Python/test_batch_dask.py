@@ -134,7 +134,7 @@ def test_the_jobqueue_example_of_docs_batch_md_makes_a_slurm_job(tmp_path):
     # as Dask merges a configuration file into its defaults
     flat = {f"jobqueue.slurm.{key}": value for key, value in config["jobqueue"]["slurm"].items()}
     with dask.config.set(flat), jobqueue.SLURMCluster(scheduler_options={
-            "dashboard_address": None}) as cluster:
+            "dashboard_address": ":0"}) as cluster:
         job = cluster.job_script()
     assert "#SBATCH --cpus-per-task=8" in job and "#SBATCH -p normal" in job
     assert "--nthreads 1 " in job and "--nworkers 8 " in job
