@@ -35,6 +35,7 @@ COLUMNS = {
     "sdlogj": ("SDlogJ", ".3f", None),
     "seconds": ("seconds", ".1f", "min"),
     "peak_gb": ("peak GB", ".2f", None),
+    "pairs_per_hour": ("pairs per hour", ".0f", "max"),
 }
 _BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 

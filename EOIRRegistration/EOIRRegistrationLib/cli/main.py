@@ -1,4 +1,4 @@
-"""``python -m EOIRRegistrationLib {register,train,models,demo} ...``: the commands without
+"""``python -m EOIRRegistrationLib {register,batch,train,models,demo} ...``: the commands without
 installing their console scripts."""
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {"register": "register a pair of images (eoir-register)",
+            "batch": "register a cohort of pairs from a manifest (eoir-batch)",
             "train": "train a model (eoir-train)",
             "models": "list the bundled models (eoir-models)",
             "demo": "register the bundled phantom pair and score it"}
@@ -14,7 +15,7 @@ COMMANDS = {"register": "register a pair of images (eoir-register)",
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
-        print("usage: python -m EOIRRegistrationLib {register,train,models,demo} ...\n"
+        print("usage: python -m EOIRRegistrationLib {register,batch,train,models,demo} ...\n"
               + "\n".join(f"  {name:<9} {what}" for name, what in COMMANDS.items()),
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -22,21 +22,24 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
                    options: RegistrationOptions, moving_labels: str | None = None,
                    fixed_labels: str | None = None, png: bool = True, overwrite: bool = False,
                    progress=None, amend_report=None, extra_files: dict | None = None,
-                   fixed_mask: str | None = None, moving_mask: str | None = None) -> dict:
+                   fixed_mask: str | None = None, moving_mask: str | None = None,
+                   loaded_model=None) -> dict:
     """Claim the output folder, read, register, write; returns the report (also written to
     ``report.json``). ``amend_report(report, result)`` may change the report before it is
     written; ``extra_files`` (name -> writer(path)) are written with the outputs. Fixed labels
-    imply the inverse (they are carried into the moving space through it)."""
+    imply the inverse (they are carried into the moving space through it). loaded_model: the
+    ``LoadedModel`` of ``options.model`` when the caller already holds it (a cohort loads it once
+    per process, ``batch_pair.py``); None loads it here."""
     extra_files = dict(extra_files or {})
     with OutputFolder(output_dir, overwrite, OUTPUT_FILES + tuple(extra_files)) as folder:
         return _register_and_write(folder, fixed_path, moving_path, options, moving_labels,
                                    fixed_labels, png, progress, amend_report, extra_files,
-                                   (fixed_mask, moving_mask))
+                                   (fixed_mask, moving_mask), loaded_model)
 
 
 def _register_and_write(folder: OutputFolder, fixed_path, moving_path, options, moving_labels,
                         fixed_labels, png, progress, amend_report, extra_files,
-                        mask_paths) -> dict:
+                        mask_paths, loaded_model) -> dict:
     import SimpleITK as sitk
 
     from EOIRRegistrationLib import __version__
@@ -55,7 +58,7 @@ def _register_and_write(folder: OutputFolder, fixed_path, moving_path, options, 
         label_warnings = check_labels_on(fixed_lab, fixed, "fixed label map", "fixed image")
     masks = {f"{role}_mask": read_image(path, f"{role} mask") if path else None
              for role, path in (("fixed", mask_paths[0]), ("moving", mask_paths[1]))}
-    loaded = resolve_model(options.model)
+    loaded = resolve_model(options.model if loaded_model is None else loaded_model)
     t_read = time.perf_counter() - t0
     result = register(fixed, moving, options, moving_labels=moving_lab, fixed_labels=fixed_lab,
                       loaded_model=loaded, progress=progress, **masks)

@@ -39,16 +39,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-labels", help="label map of the fixed image: reports Dice, and is "
                    "carried into the moving space through the inverse (implies --inverse; "
                    "fixed_labels_in_moving.nii.gz, nearest neighbour)")
-    p.add_argument("--inverse", action="store_true",
-                   help="also write inverse_displacement.nii: the exact inverse on the moving "
-                        "image's grid (LPS mm, moving point y -> fixed point y + d'(y), the "
-                        "initial linear part included)")
     p.add_argument("--fixed-mask", metavar="FILE",
                    help="mask of the fixed image (nonzero: used; any grid): the similarity of "
                         "the alignment and the optimisation is restricted to it")
     p.add_argument("--moving-mask", metavar="FILE",
                    help="mask of the moving image (nonzero: used; any grid), e.g. to leave out a "
                         "lesion, resection or artefact present in one image only")
+    add_registration_options(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this command's files in an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def add_registration_options(p: argparse.ArgumentParser) -> None:
+    """The flags of ``RegistrationOptions`` (read back by ``options_from_args``) and --no-png:
+    shared by eoir-register and eoir-batch."""
+    p.add_argument("--inverse", action="store_true",
+                   help="also write inverse_displacement.nii: the exact inverse on the moving "
+                        "image's grid (LPS mm, moving point y -> fixed point y + d'(y), the "
+                        "initial linear part included)")
     p.add_argument("--model", default=DEFAULTS.model,
                    help="bundled model name (see eoir-models) or a model file path")
     p.add_argument("--device", default=DEFAULTS.device, choices=DEVICES)
@@ -94,10 +104,6 @@ def parser() -> argparse.ArgumentParser:
                    help="similarity of the refinement (default: follows --contrast): lncc (one "
                         "contrast) or mind (MIND-SSC descriptors, two contrasts, e.g. T1 and T2)")
     p.add_argument("--no-png", action="store_true", help="skip overview.png")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace this command's files in an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return p
 
 
 def read_initial_transform(path: str | None):
