@@ -66,6 +66,9 @@ def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, c
     png = (out / "overview.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert "folding" in capsys.readouterr().out
+    # NIfTI displacement vectors (intent 1006), what Slicer loads without a warning; the
+    # peers' reading of it is in test_interop.py.
+    assert (out / "displacement.nii").read_bytes()[68:70] == (1006).to_bytes(2, "little")
     # The displacement file is a transform SimpleITK applies to reproduce warped.nii.gz.
     field = sitk.Cast(sitk.ReadImage(str(out / "displacement.nii")), sitk.sitkVectorFloat64)
     fixed, moving = sitk.ReadImage(files["fixed"]), sitk.ReadImage(files["moving"])
