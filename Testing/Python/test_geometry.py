@@ -95,6 +95,9 @@ def test_arrays_taken_from_images_do_not_alias_their_buffers():
     t = geometry.image_to_tensor(img, torch.float64)
     t += 100.0
     assert sitk.GetArrayViewFromImage(img)[0, 0, 0] == 0.0  # the image is untouched
-    s = overview._slice(img, 1)
+    # The overview's display slice: the middle slice k = 1 seen from above (column 0 = i 0).
+    grid = sitk.Image([4, 3, 1], sitk.sitkUInt8)
+    grid.SetOrigin((0.0, 0.0, 1.0))
+    s = overview.view_slice(img, grid)
     assert s.base is None and s.flags.owndata
     np.testing.assert_array_equal(s, np.arange(12, 24).reshape(3, 4))
