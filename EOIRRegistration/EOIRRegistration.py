@@ -254,9 +254,7 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from EOIRRegistrationLib.slicer.catalog import gpuProbablyAvailable
 
         combo = self.ui.deviceComboBox
-        for index, value in enumerate(DEVICES):
-            if index < combo.count:
-                combo.setItemText(index, texts.DEVICE_LABELS[value])
+        panel.labelChoices(combo, texts.DEVICE_LABELS)
         gpu = gpuProbablyAvailable()
         gpuIndex = 2
         if combo.count > gpuIndex:
@@ -278,10 +276,7 @@ class EOIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 (self.ui.refineSimilarityComboBox, texts.REFINE_SIMILARITY_LABELS, texts.REFINE_SIMILARITY_TIPS),
                 (self.ui.contrastComboBox, texts.CONTRAST_LABELS, texts.CONTRAST_TIPS),
                 (self.ui.presetComboBox, texts.PRESET_LABELS, texts.PRESET_TIPS)):
-            for index, value in enumerate(labels):
-                if index < combo.count:
-                    combo.setItemText(index, labels[value])
-                    combo.setItemData(index, tips[value], qt.Qt.ToolTipRole)
+            panel.labelChoices(combo, labels, tips, qt.Qt.ToolTipRole)
 
     def _updateRefineWidgets(self, *args):
         enabled = int(self.ui.refineIterationsSpinBox.value) != 0

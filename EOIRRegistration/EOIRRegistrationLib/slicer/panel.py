@@ -100,3 +100,13 @@ def torchReady(errorDisplay) -> tuple[bool, str]:
     if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
         return False, "PyTorch is not installed; registration not started."
     return True, ""
+
+
+def labelChoices(combo, labels: dict, tips: dict | None = None, toolTipRole=None) -> None:
+    """Readable labels (and per-item tooltips) on a combo box that the parameter node connector
+    fills with the engine's names, in the order of ``labels``, and reads by index."""
+    for index, value in enumerate(labels):
+        if index < combo.count:
+            combo.setItemText(index, labels[value])
+            if tips is not None:
+                combo.setItemData(index, tips[value], toolTipRole)
