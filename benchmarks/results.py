@@ -36,6 +36,11 @@ COLUMNS = {
     "seconds": ("seconds", ".1f", "min"),
     "peak_gb": ("peak GB", ".2f", None),
     "pairs_per_hour": ("pairs per hour", ".0f", "max"),
+    "residual_mean_mm": ("mean residual mm", ".1e", "min"),
+    "residual_p99_mm": ("99th percentile residual mm", ".1e", "min"),
+    "residual_max_mm": ("max residual mm", ".1e", "min"),
+    "inside_percent": ("inside %", ".1f", None),
+    "inverse_seconds": ("inverse seconds", ".1f", "min"),
 }
 _BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
