@@ -8,6 +8,8 @@ hold the complete previous set or the complete new set of files (compared with r
 file by file), with nothing left beside it. ``EOIR_WRITE_DELAY_S`` (cli/outputfolder.py) stretches
 the writing stage to a few tenths of a second so that the kills land inside it.
 """
+from __future__ import annotations
+
 import hashlib
 import json
 import os
