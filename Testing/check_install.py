@@ -9,9 +9,12 @@
 3. From a temporary folder outside the clone, with no PYTHONPATH: ``eoir-register`` on a 24^3
    pair written there (a blob moved by a known shift), checked for exit 0, every output on the
    fixed grid, and the known shift recovered by the bundled default model.
+4. Every top-level module that the installed package's files import, at the top of a file or
+   inside a function (where ``eoir-register`` may never go: scipy in ``core/metrics.py hd95``),
+   imports in that environment, but for those that 3D Slicer or an extra provides (below).
 
-A dependency missing from ``pyproject.toml`` is missing in that environment, so ``eoir-register``
-fails and so does this check (exit 1). This file needs only the standard library where it is
+A dependency missing from ``pyproject.toml`` is missing in that environment, so step 3 or 4 fails
+and so does this check (exit 1). This file needs only the standard library where it is
 started; the new environment's own python writes the pair and reads the outputs (``--write-pair``,
 ``--verify``: SimpleITK and numpy, both declared dependencies).
 """
@@ -37,6 +40,14 @@ SIZE = (24, 24, 24)                  # ITK order (x, y, z), identity direction: 
 SPACING = (2.0, 2.0, 2.5)            # mm
 SHIFT_VOXELS = (1.0, -0.5, 0.5)      # the moving blob's centre minus the fixed one's, (x, y, z)
 TOLERANCE_MM = 0.5                   # on the median displacement inside the blob (truth: 2.5 mm long)
+# Imported by the package, not installed by `pip install .`: the slicer subpackage runs in 3D Slicer,
+# and eoir-batch's Dask workers come with the `batch` extra (it says so when they are missing).
+NOT_DEPENDENCIES = {"slicer": "3D Slicer", "vtk": "3D Slicer", "PyTorchUtils": "Slicer's PyTorch extension",
+                    "dask": "the batch extra", "distributed": "the batch extra"}
+PACKAGE = "EOIRRegistrationLib"
+# The standard library, other platforms' modules included (cli/outputfolder.py imports msvcrt on
+# Windows); before Python 3.10, which lists it, those modules are named here.
+STDLIB = set(getattr(sys, "stdlib_module_names", ())) or {"msvcrt", "winreg", "_winapi", "nt"}
 OUTPUTS = ("displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz", "report.json",
            "overview.png")
 
@@ -55,11 +66,12 @@ def main(argv=None) -> int:
         write_pair(Path(args.write_pair))
         return 0
     if args.verify:
-        return report(verify(Path(args.verify)))
+        return report(verify(Path(args.verify)) + missing_imports())
     work = Path(tempfile.mkdtemp(prefix="eoir-install-check-")).resolve()
     if ROOT in work.parents:
         print(f"check_install: error: the temporary folder {work} is inside the clone", file=sys.stderr)
         return 1
+    start = time.perf_counter()
     try:
         check(work)
     except CheckFailed as exc:
@@ -69,6 +81,7 @@ def main(argv=None) -> int:
         print(f"check_install: files kept in {work}")
     else:
         shutil.rmtree(work)
+    print(f"check_install: {time.perf_counter() - start:.0f} s in all")
     return 0
 
 
@@ -88,14 +101,14 @@ def check(work: Path) -> None:
           str(work / "source")], work, env)
     step("write a 24^3 pair", [str(python), str(work / "check_install.py"), "--write-pair", str(case)],
          work, env)
-    where = step("locate the installed package", [str(python), "-c", "import EOIRRegistrationLib as p; "
+    where = step("locate the installed package", [str(python), "-c", f"import {PACKAGE} as p; "
                                                   "print(p.__file__)"], case, env).strip()
     if venv.resolve() not in Path(where).resolve().parents:
-        raise CheckFailed(f"EOIRRegistrationLib was imported from {where}, not from {venv}")
+        raise CheckFailed(f"{PACKAGE} was imported from {where}, not from {venv}")
     step("eoir-register", [str(bin_dir / "eoir-register"), "fixed.nii.gz", "moving.nii.gz",
                            "--output-dir", "out", "--threads", "1"], case, env)
-    step("verify the outputs", [str(python), str(work / "check_install.py"), "--verify", str(case)],
-         work, env)
+    step("verify the outputs and the package's imports",
+         [str(python), str(work / "check_install.py"), "--verify", str(case)], work, env)
     print("check_install: passed: pip install . into a clean environment; eoir-register ran outside "
           "the clone and wrote its outputs")
 
@@ -178,6 +191,34 @@ def verify(case: Path) -> list[str]:
         problems.append("report.json has no quality figures")
     if (out / "overview.png").read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
         problems.append("overview.png is not a PNG file")
+    return problems
+
+
+def missing_imports() -> list[str]:
+    """In the new environment: the modules the installed package imports that do not import."""
+    import ast
+    import importlib
+    import importlib.util
+
+    folder = Path(importlib.util.find_spec(PACKAGE).origin).parent
+    users: dict[str, set[str]] = {}
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                users.setdefault(name.split(".")[0], set()).add(str(path.relative_to(folder)))
+    problems = []
+    for name in sorted(set(users) - set(NOT_DEPENDENCIES) - STDLIB - {PACKAGE}):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            problems.append(f"{name}, imported by {sorted(users[name])}, does not import after pip install . "
+                            f"({exc}): a dependency missing from pyproject.toml?")
     return problems
 
 
