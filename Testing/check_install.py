@@ -4,8 +4,9 @@
 2. ``pip install SOURCE`` into it: a plain, non-editable install with the dependencies that
    ``pyproject.toml`` declares, built from a copy of this clone (the clone's own ``build/`` is
    neither used nor written). The versions installed in the calling environment are the
-   constraints, so the run matches what the tests saw and torch, the largest, comes from pip's
-   cache or local wheels rather than a new download.
+   constraints: the environment gets what the tests ran on (torch included; pip takes it from
+   its cache or local wheels where it has them, else downloads it again: about a minute of the
+   two this check takes on CI's Python 3.12, with PyPI's CUDA build).
 3. From a temporary folder outside the clone, with no PYTHONPATH: ``eoir-register`` on a 24^3
    pair written there (a blob moved by a known shift), checked for exit 0, every output on the
    fixed grid, and the known shift recovered by the bundled default model.
@@ -110,7 +111,7 @@ def check(work: Path) -> None:
     step("verify the outputs and the package's imports",
          [str(python), str(work / "check_install.py"), "--verify", str(case)], work, env)
     print("check_install: passed: pip install . into a clean environment; eoir-register ran outside "
-          "the clone and wrote its outputs")
+          "the clone and wrote its outputs; every module the package imports is there")
 
 
 def installed_versions() -> list[str]:
