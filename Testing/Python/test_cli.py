@@ -340,9 +340,16 @@ def test_inverse_fixed_labels_and_masks_from_the_command_line(files, tmp_path, c
     out = tmp_path / "out"
     base = [files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
             "--contrast", "same", "--refine", "2", "--no-png", "--quiet"]
-    # fixed labels imply the inverse
+    # fixed labels alone give the Dice only: the inversion is not done unasked
+    assert run(base + ["--fixed-labels", paths["fl"], "--moving-labels", files["labels"]]) == 0
+    assert not {"inverse_displacement.nii", "fixed_labels_in_moving.nii.gz"} & {
+        p.name for p in out.iterdir()}
+    assert "mean_after" in json.loads((out / "report.json").read_text())["dice"]
+    capsys.readouterr()
+    # with --inverse they are carried into the moving space
     assert run(base + ["--fixed-labels", paths["fl"], "--moving-labels", files["labels"],
-                       "--fixed-mask", paths["fm"], "--moving-mask", paths["mm"]]) == 0
+                       "--fixed-mask", paths["fm"], "--moving-mask", paths["mm"], "--inverse",
+                       "--overwrite"]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"inverse_displacement.nii", "fixed_labels_in_moving.nii.gz"} <= names
     inverse = sitk.ReadImage(str(out / "inverse_displacement.nii"))
@@ -352,7 +359,7 @@ def test_inverse_fixed_labels_and_masks_from_the_command_line(files, tmp_path, c
         np.testing.assert_allclose(image.GetOrigin(), moving.GetOrigin(), atol=1e-4)
         np.testing.assert_allclose(image.GetDirection(), moving.GetDirection(), atol=1e-6)
     report = json.loads((out / "report.json").read_text())
-    assert report["masks"] == ["fixed", "moving"] and report["options"]["inverse"] is False
+    assert report["masks"] == ["fixed", "moving"] and report["options"]["inverse"] is True
     assert report["inverse"]["mean_residual_mm"] < 1e-4
     assert "moving point y maps to fixed point" in report["inverse"]["convention"]
     carried = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "fixed_labels_in_moving.nii.gz")))

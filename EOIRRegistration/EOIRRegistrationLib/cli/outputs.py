@@ -27,7 +27,8 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
     """Claim the output folder, read, register, write; returns the report (also written to
     ``report.json``). ``amend_report(report, result)`` may change the report before it is
     written; ``extra_files`` (name -> writer(path)) are written with the outputs. Fixed labels
-    imply the inverse (they are carried into the moving space through it). loaded_model: the
+    give the Dice; with ``options.inverse`` they are also carried into the moving space (the
+    inversion costs more than the registration on a brain: not done unasked). loaded_model: the
     ``LoadedModel`` of ``options.model`` when the caller already holds it (a cohort loads it once
     per process, ``batch_pair.py``); None loads it here."""
     extra_files = dict(extra_files or {})
@@ -60,7 +61,8 @@ def _register_and_write(folder: OutputFolder, fixed_path, moving_path, options, 
              for role, path in (("fixed", mask_paths[0]), ("moving", mask_paths[1]))}
     loaded = resolve_model(options.model if loaded_model is None else loaded_model)
     t_read = time.perf_counter() - t0
-    result = register(fixed, moving, options, moving_labels=moving_lab, fixed_labels=fixed_lab,
+    result = register(fixed, moving, options, moving_labels=moving_lab,
+                      fixed_labels=fixed_lab if options.inverse else None,
                       loaded_model=loaded, progress=progress, **masks)
     described = result.describe()
     report = {

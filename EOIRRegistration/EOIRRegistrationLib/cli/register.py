@@ -30,15 +30,15 @@ def parser() -> argparse.ArgumentParser:
         "Deformably register MOVING to FIXED. Writes displacement.nii (ITK displacement field: "
         "LPS mm on the fixed grid, fixed point -> moving point; a transform for SimpleITK, ANTs "
         "and Slicer), warped.nii.gz, jacobian.nii.gz, folding.nii.gz, report.json and "
-        "overview.png to --output-dir; with --inverse or --fixed-labels also "
+        "overview.png to --output-dir; with --inverse also "
         "inverse_displacement.nii (LPS mm on the moving grid, moving point -> fixed point)."))
     p.add_argument("fixed", help="fixed (reference) 3D image: any format ITK reads")
     p.add_argument("moving", help="moving 3D image, resampled onto the fixed grid")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--moving-labels", help="label map of the moving image to warp (nearest)")
-    p.add_argument("--fixed-labels", help="label map of the fixed image: reports Dice, and is "
-                   "carried into the moving space through the inverse (implies --inverse; "
-                   "fixed_labels_in_moving.nii.gz, nearest neighbour)")
+    p.add_argument("--fixed-labels", help="label map of the fixed image: reports Dice; with "
+                   "--inverse also carried into the moving space through the inverse "
+                   "(fixed_labels_in_moving.nii.gz, nearest neighbour)")
     p.add_argument("--fixed-mask", metavar="FILE",
                    help="mask of the fixed image (nonzero: used; any grid): the similarity of "
                         "the alignment and the optimisation is restricted to it")
