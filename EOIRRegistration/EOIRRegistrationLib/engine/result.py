@@ -83,6 +83,9 @@ class RegistrationResult:
             steps = (f"LNCC optimisation{'' if self.network else ' alone'} at "
                      f"{'/'.join(f'{s:g}' for s in r['scales_mm'])} mm, "
                      f"{'/'.join(map(str, r['iterations']))} steps ({r['preset']})")
+            finest = min(r.get("finest_grid_mm") or [0.0])
+            if finest > r["scales_mm"][-1] * 1.001:  # optimise.MAX_LEVEL_VOXELS
+                steps += f", the finest level at {finest:.2g} mm (its size limit)"
         else:
             steps = (f"{'MIND-SSC' if r['similarity'] == 'mind' else 'LNCC'} refinement"
                      f"{'' if self.network else ' alone'}, {r['iterations']} steps")

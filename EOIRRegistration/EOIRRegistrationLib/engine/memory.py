@@ -1,0 +1,74 @@
+"""Will a registration fit in memory? Its peak estimated from the grid sizes, compared with the
+memory the computer has, before any work starts: a grid too large (1024^3) then fails in a
+second with a clear message instead of running out after minutes.
+
+The estimate is a sum of bytes per voxel of each grid, rounded up from the peaks measured on a
+CT-sized pair (``benchmarks/bench_ct.py``: 512x512x320 fixed and moving images, a 192x192x160
+working grid, an 8M-voxel finest level) with the whole fixed grid in place of the foreground box
+(not yet known), so it errs on the high side.
+"""
+from __future__ import annotations
+
+import resource
+
+from EOIRRegistrationLib.core.errors import DeviceError
+from EOIRRegistrationLib.engine.devices import COARSER_SPACING
+
+#: bytes per voxel of the fixed grid: the field in float32 and as the result's float64 image,
+#: its NIfTI copy, the warped image and the Jacobian, each as a tensor and an image
+FIXED_VOXEL_BYTES = 72
+#: per voxel of the moving grid: its float32 tensor (and a float64 copy while converting)
+MOVING_VOXEL_BYTES = 16
+#: per voxel of the working grid: the network's feature maps
+WORKING_VOXEL_BYTES = 400
+#: per voxel of the optimisation's finest level: the field, Adam's moments, LNCC's statistics
+LEVEL_VOXEL_BYTES = 320
+#: the interpreter, torch and the model
+BASE_BYTES = 1 << 30
+
+
+def estimate_bytes(fixed_voxels: int, moving_voxels: int, working_voxels: int,
+                   level_voxels: int, inverse: bool = False) -> int:
+    """The peak resident memory of one registration, in bytes (see the module docstring); the
+    inverse adds a second field on the fixed grid and one on the moving grid."""
+    fixed = FIXED_VOXEL_BYTES + (12 if inverse else 0)
+    moving = MOVING_VOXEL_BYTES + (40 if inverse else 0)
+    return int(BASE_BYTES + fixed * fixed_voxels + moving * moving_voxels
+               + max(WORKING_VOXEL_BYTES * working_voxels, LEVEL_VOXEL_BYTES * level_voxels))
+
+
+def available_bytes() -> int | None:
+    """What this process may still take: the system's available memory (Linux MemAvailable),
+    less when an address-space limit (RLIMIT_AS) leaves less; None where neither is known."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/status") as f:
+                size = next(int(line.split()[1]) * 1024 for line in f
+                            if line.startswith("VmSize:"))
+            limits.append(max(0, soft - size))
+        except (OSError, StopIteration):
+            limits.append(soft)
+    return min(limits) if limits else None
+
+
+def check_fits(needed: int, shapes: dict) -> None:
+    """A DeviceError when ``needed`` bytes exceed what ``available_bytes`` reports.
+    shapes: a name -> (x, y, z) size of the grids, for the message."""
+    available = available_bytes()
+    if available is None or needed <= available:
+        return
+    grids = ", ".join(f"{name} {'x'.join(str(int(v)) for v in size)}"
+                      for name, size in shapes.items())
+    raise DeviceError(
+        f"this registration needs about {needed / 2 ** 30:.1f} GB of memory ({grids}) and "
+        f"{available / 2 ** 30:.1f} GB is available: close other programs, use {COARSER_SPACING},"
+        " or resample the fixed image to a coarser grid (the outputs lie on its grid)")
