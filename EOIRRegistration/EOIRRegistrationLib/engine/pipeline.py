@@ -350,6 +350,8 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
         stages.start("registering")
         u, dev = _with_cpu_fallback(partial(run_network, loaded, fixed_w, moving_w), dev,
                                     requested, stages, "registering", shape)
+        if np.prod(fixed_grid.shape) > LARGE_GRID_VOXELS:
+            release_freed_memory()  # the network's feature maps, before the optimisation
     else:
         u = fixed_w.new_zeros(1, 3, *shape)
     refinement = None
@@ -417,12 +419,21 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
 
     stages.start("quality figures")
     det = metrics.jacobian_determinant(disp, fixed_grid)
+    images = {"warped": geometry.tensor_to_image(warped, fixed_grid),
+              "jacobian": geometry.tensor_to_image(det, fixed_grid),
+              "folding": geometry.tensor_to_image((det <= 0).to(torch.uint8), fixed_grid,
+                                                  sitk.sitkUInt8)}
+    summary = qa.jacobian_summary(det.numpy())
+    del warped, det
+    # displacement_to_image, with the float32 field let go before ITK copies the float64 one
+    vectors = np.moveaxis(disp.numpy(), 0, -1).astype(np.float64)
+    del disp
+    images["displacement"] = fixed_grid.apply_to(sitk.GetImageFromArray(vectors, isVector=True))
+    del vectors
+    if np.prod(fixed_grid.shape) > LARGE_GRID_VOXELS:
+        release_freed_memory()  # before the caller writes the outputs
     result = RegistrationResult(
-        displacement=geometry.displacement_to_image(disp, fixed_grid),
-        warped=geometry.tensor_to_image(warped, fixed_grid),
-        jacobian=geometry.tensor_to_image(det, fixed_grid),
-        folding=geometry.tensor_to_image((det <= 0).to(torch.uint8), fixed_grid, sitk.sitkUInt8),
-        warped_labels=warped_labels, qa=qa.jacobian_summary(det.numpy()), options=options,
+        **images, warped_labels=warped_labels, qa=summary, options=options,
         model_name=loaded.name, device=str(dev), working_size=tuple(wgrid.size),
         working_spacing=tuple(wgrid.spacing), initial_matrix=a,
         initial_alignment=chosen.method, initial_alignment_note=chosen.note,
