@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import resource
 
+import numpy as np
+
+from EOIRRegistrationLib.core import geometry
 from EOIRRegistrationLib.core.errors import DeviceError
+from EOIRRegistrationLib.engine import optimise
 from EOIRRegistrationLib.engine.devices import COARSER_SPACING
 
 #: bytes per voxel of the fixed grid: the field in float32 and as the result's float64 image,
@@ -72,3 +76,16 @@ def check_fits(needed: int, shapes: dict) -> None:
         f"this registration needs about {needed / 2 ** 30:.1f} GB of memory ({grids}) and "
         f"{available / 2 ** 30:.1f} GB is available: close other programs, use {COARSER_SPACING},"
         " or resample the fixed image to a coarser grid (the outputs lie on its grid)")
+
+
+def check_grids(fixed, moving, spacing, multiple: int, preset: str, inverse: bool) -> None:
+    """``check_fits`` for the registration of two SimpleITK images: the working grid of
+    ``spacing`` (mm, sizes a multiple of ``multiple``) and the finest level of ``preset`` on the
+    whole fixed grid (the foreground box is not known yet)."""
+    grid = geometry.Grid.from_image(fixed)
+    working = geometry.working_grid(grid, spacing, multiple=multiple)
+    finest = optimise.level_grid(grid, optimise.schedule_of(preset).scales_mm[-1])
+    needed = estimate_bytes(int(np.prod(fixed.GetSize())), int(np.prod(moving.GetSize())),
+                            int(np.prod(working.size)), int(np.prod(finest.size)), inverse)
+    check_fits(needed, {"fixed grid": fixed.GetSize(), "moving grid": moving.GetSize(),
+                        "working grid": working.size})

@@ -264,17 +264,11 @@ def _clamped(values: torch.Tensor, window, inplace: bool = False) -> torch.Tenso
     return values.clamp_(low, high) if inplace else values.clamp(low, high)
 
 
-def _check_memory(fixed, moving, spacing, multiple: int, options, inverse: bool) -> None:
-    """A DeviceError now, before any work, when the grids need more memory than there is
-    (``memory.py``; the whole fixed grid stands for the foreground box, not yet known)."""
-    grid = geometry.Grid.from_image(fixed)
-    working = geometry.working_grid(grid, spacing, multiple=multiple)
-    finest = optimise.level_grid(grid, optimise.schedule_of(options.preset).scales_mm[-1])
-    needed = memory.estimate_bytes(
-        int(np.prod(fixed.GetSize())), int(np.prod(moving.GetSize())),
-        int(np.prod(working.size)), int(np.prod(finest.size)), options.inverse or inverse)
-    memory.check_fits(needed, {"fixed grid": fixed.GetSize(), "moving grid": moving.GetSize(),
-                               "working grid": working.size})
+def _release_if_large(grid: geometry.Grid) -> None:
+    """Freed memory back to the system on grids above ``LARGE_GRID_VOXELS`` (a CT): the next
+    stage's fields would otherwise come on top of it (``allocator.py``)."""
+    if np.prod(grid.shape) > LARGE_GRID_VOXELS:
+        release_freed_memory()
 
 
 def _alignment_words(chosen: alignment.Alignment) -> str:
@@ -300,8 +294,8 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
                          f"iterations (e.g. {DEFAULT_REFINE_ITERATIONS_ALONE}); or use a "
                          "contrast-agnostic model")
     spacing = options.working_spacing or loaded.working_spacing
-    _check_memory(fixed, moving, spacing, loaded.model.size_multiple, options,
-                  fixed_labels is not None)
+    memory.check_grids(fixed, moving, spacing, loaded.model.size_multiple, options.preset,
+                       options.inverse or fixed_labels is not None)
 
     stages.start("preparing images")
     chosen = alignment.choose_alignment(fixed, moving, options.initial_alignment,
@@ -350,8 +344,7 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
         stages.start("registering")
         u, dev = _with_cpu_fallback(partial(run_network, loaded, fixed_w, moving_w), dev,
                                     requested, stages, "registering", shape)
-        if np.prod(fixed_grid.shape) > LARGE_GRID_VOXELS:
-            release_freed_memory()  # the network's feature maps, before the optimisation
+        _release_if_large(fixed_grid)  # the network's feature maps, before the optimisation
     else:
         u = fixed_w.new_zeros(1, 3, *shape)
     refinement = None
@@ -388,8 +381,7 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
             raise RegistrationCancelled("registration cancelled while refining")
     del fixed_w, moving_w, fixed_t, region_t, moving_c
 
-    if np.prod(fixed_grid.shape) > LARGE_GRID_VOXELS:
-        release_freed_memory()  # the optimisation's buffers, before the full-size fields
+    _release_if_large(fixed_grid)  # the optimisation's buffers, before the full-size fields
     stages.start("resampling")
     if disp is None:  # the working grid's field -> LPS mm interpolated at the box's voxels
         disp = optimise.move_field(_working_mm(u, wgrid), wgrid, region)[0]
@@ -425,13 +417,16 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
                                                   sitk.sitkUInt8)}
     summary = qa.jacobian_summary(det.numpy())
     del warped, det
-    # displacement_to_image, with the float32 field let go before ITK copies the float64 one
-    vectors = np.moveaxis(disp.numpy(), 0, -1).astype(np.float64)
+    # geometry.displacement_to_image in steps holding at most three float32 fields' worth at
+    # once (a CT's: 1 GB each), the freed ones given back; the same float64 values
+    channels = [sitk.GetImageFromArray(disp[c].numpy()) for c in range(3)]
     del disp
-    images["displacement"] = fixed_grid.apply_to(sitk.GetImageFromArray(vectors, isVector=True))
+    vectors = sitk.Compose(channels)
+    del channels
+    _release_if_large(fixed_grid)
+    images["displacement"] = fixed_grid.apply_to(sitk.Cast(vectors, sitk.sitkVectorFloat64))
     del vectors
-    if np.prod(fixed_grid.shape) > LARGE_GRID_VOXELS:
-        release_freed_memory()  # before the caller writes the outputs
+    _release_if_large(fixed_grid)  # before the caller writes the outputs
     result = RegistrationResult(
         **images, warped_labels=warped_labels, qa=summary, options=options,
         model_name=loaded.name, device=str(dev), working_size=tuple(wgrid.size),
