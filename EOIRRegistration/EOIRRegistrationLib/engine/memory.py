@@ -2,10 +2,11 @@
 memory the computer has, before any work starts: a grid too large (1024^3) then fails in a
 second with a clear message instead of running out after minutes.
 
-The estimate is a sum of bytes per voxel of each grid, rounded up from the peaks measured on a
-CT-sized pair (``benchmarks/bench_ct.py``: 512x512x320 fixed and moving images, a 192x192x160
-working grid, an 8M-voxel finest level) with the whole fixed grid in place of the foreground box
-(not yet known), so it errs on the high side.
+The estimate: the inputs (held throughout) plus the largest of the stages' own needs, in
+bytes per voxel of each grid, rounded up from the peaks measured on a CT-sized pair
+(``benchmarks/bench_ct.py``: 512x512x320 fixed and moving images, 6.5 GB measured, 7.9 GB
+estimated), with the whole fixed grid in place of the foreground box (not yet known), so it
+errs on the high side.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from EOIRRegistrationLib.core.errors import DeviceError
 from EOIRRegistrationLib.engine import optimise
 from EOIRRegistrationLib.engine.devices import COARSER_SPACING
 
-#: bytes per voxel of the fixed grid: the field in float32 and as the result's float64 image,
-#: its NIfTI copy, the warped image and the Jacobian, each as a tensor and an image
-FIXED_VOXEL_BYTES = 72
-#: per voxel of the moving grid: its float32 tensor (and a float64 copy while converting)
-MOVING_VOXEL_BYTES = 16
+#: per voxel of each input grid, held throughout: the image and its float32 tensor
+INPUT_VOXEL_BYTES = 16
+#: per voxel of the fixed grid in the full-size stages: the field in float32 and as the
+#: result's float64 image, the warped image and the Jacobian, each as a tensor and an image
+FIXED_VOXEL_BYTES = 56
 #: per voxel of the working grid: the network's feature maps
 WORKING_VOXEL_BYTES = 400
 #: per voxel of the optimisation's finest level: the field, Adam's moments, LNCC's statistics
@@ -35,10 +36,11 @@ def estimate_bytes(fixed_voxels: int, moving_voxels: int, working_voxels: int,
                    level_voxels: int, inverse: bool = False) -> int:
     """The peak resident memory of one registration, in bytes (see the module docstring); the
     inverse adds a second field on the fixed grid and one on the moving grid."""
-    fixed = FIXED_VOXEL_BYTES + (12 if inverse else 0)
-    moving = MOVING_VOXEL_BYTES + (40 if inverse else 0)
-    return int(BASE_BYTES + fixed * fixed_voxels + moving * moving_voxels
-               + max(WORKING_VOXEL_BYTES * working_voxels, LEVEL_VOXEL_BYTES * level_voxels))
+    full_size = ((FIXED_VOXEL_BYTES + (12 if inverse else 0)) * fixed_voxels
+                 + (40 if inverse else 0) * moving_voxels)
+    return int(BASE_BYTES + INPUT_VOXEL_BYTES * (fixed_voxels + moving_voxels)
+               + max(full_size, WORKING_VOXEL_BYTES * working_voxels,
+                     LEVEL_VOXEL_BYTES * level_voxels))
 
 
 def available_bytes() -> int | None:
