@@ -364,11 +364,13 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
                                             timings=stages.timings, device=d,
                                             masks=masks.level_masks(*given_masks, affine)),
                 dev, requested, stages, "refining", region.shape)
-            finest = optimise.level_grid(region, schedule.scales_mm[-1])
             refinement = {"similarity": "lncc", "preset": options.preset,
                           "scales_mm": list(schedule.scales_mm),
-                          "iterations": list(schedule.iterations),
-                          "finest_grid_mm": [round(float(v), 3) for v in finest.spacing]}
+                          "iterations": list(schedule.iterations)}
+            finest = optimise.level_grid(region, schedule.scales_mm[-1])
+            if finest != optimise.level_grid(region, schedule.scales_mm[-1], max_voxels=2 ** 62):
+                # made coarser by optimise.MAX_LEVEL_VOXELS
+                refinement["finest_grid_mm"] = [round(float(v), 3) for v in finest.spacing]
         else:
             weights = masks.level_masks(*given_masks, affine)
             u, dev = _with_cpu_fallback(
