@@ -288,14 +288,19 @@ def test_the_current_folder_is_refused_as_the_output_folder(pair, tmp_path, monk
 def test_running_out_of_memory_is_a_clear_error(pair, tmp_path):
     """A registration whose working grid (0.05 mm over a 40 x 32 x 24 mm field: 150 million
     voxels) needs more memory than the process may have (RLIMIT_AS: what it holds after the
-    imports plus 512 MB): torch 2.13's own message ("DefaultCPUAllocator: can't allocate
-    memory") becomes one line naming --working-spacing."""
+    imports plus 512 MB) is refused before any work by the estimate (engine/memory.py); with
+    the estimate out of the way (its memory reader reporting nothing), torch 2.13's own message
+    ("DefaultCPUAllocator: can't allocate memory") becomes one line. Both name
+    --working-spacing."""
     script = """
 import resource, sys
 import torch
 from EOIRRegistrationLib.cli import register
+from EOIRRegistrationLib.engine import memory
 import EOIRRegistrationLib.cli.outputs, EOIRRegistrationLib.engine.pipeline  # imported first
 torch.set_num_threads(1)
+if sys.argv.pop(1) == "no-estimate":
+    memory.available_bytes = lambda: None
 size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
             if line.startswith("VmSize:"))
 resource.setrlimit(resource.RLIMIT_AS, (size + (512 << 20), resource.RLIM_INFINITY))
@@ -303,12 +308,13 @@ sys.exit(register.main(sys.argv[1:]))
 """
     out = tmp_path / "out"
     argv = command(pair, out, 1, "--working-spacing", "0.05", "0.05", "0.05")[4:]
-    done = run([sys.executable, "-c", script, *argv])
-    assert done.returncode == 2, done.stderr[-3000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("eoir-register: error: the computer ran out "
-                                                   "of memory"), done.stderr[-3000:]
-    assert "--working-spacing" in lines[0]
+    for mode, start in (("estimate", "eoir-register: error: this registration needs about "),
+                        ("no-estimate", "eoir-register: error: the computer ran out of memory")):
+        done = run([sys.executable, "-c", script, mode, *argv])
+        assert done.returncode == 2, done.stderr[-3000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(start), done.stderr[-3000:]
+        assert "--working-spacing" in lines[0]
     assert not out.exists() and leftovers(out) == []
 
 

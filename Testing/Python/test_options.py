@@ -22,7 +22,8 @@ def test_the_defaults():
         "model": "default", "device": "auto", "threads": None, "working_spacing": None,
         "intensity_window": None, "initial_alignment": "auto", "initial_transform": None,
         "contrast": "auto", "network": None, "preset": "default", "refine_iterations": None,
-        "refine_seconds": None, "refine_similarity": None, "inverse": False}
+        "refine_seconds": None, "refine_similarity": None, "inverse": False,
+        "foreground_box": True}
     assert options_module.PRESETS == ("fast", "default", "accurate")
     assert options_module.DEFAULT_MODEL == "eoir-synth-ns8"
     assert (options_module.DEFAULT_REFINE_ITERATIONS,
@@ -114,6 +115,7 @@ NOT_HOMOGENEOUS[3] = (0.0, 0.0, 0.1, 1.0)
     ({"network": "yes"}, r"network must be True, False or None, got 'yes'"),
     ({"inverse": "yes"}, r"inverse must be True or False, got 'yes'"),
     ({"inverse": 1}, r"inverse must be True or False, got 1"),
+    ({"foreground_box": "no"}, r"foreground_box must be True or False, got 'no'"),
     ({"threads": 0}, r"threads must be a whole number from 1 to 1024, got 0"),
     ({"model": "  "}, r"the model must be a bundled model name or a model file path"),
 ])
@@ -157,7 +159,7 @@ def test_a_fully_non_default_options_object_round_trips_through_json():
         intensity_window=((-100.0, 300.0), (0.0, 1200.0)), initial_alignment="rigid",
         initial_transform=_rotation_matrix(), contrast="different", network=True,
         preset="accurate", refine_iterations=25, refine_seconds=12.5, refine_similarity="mind",
-        inverse=True)
+        inverse=True, foreground_box=False)
     assert all(getattr(full, name) != getattr(default, name) for name in FIELDS)
     data = full.to_dict()
     assert set(data) == set(FIELDS)
@@ -197,13 +199,14 @@ def test_every_option_flag_maps_onto_its_option(tmp_path):
             "--initial-transform", str(tfm), "--contrast", "different", "--no-network",
             "--preset", "fast", "--refine", "25", "--refine-seconds", "12.5", "--refine-similarity", "mind",
             "--inverse", "--fixed-mask", "fm.nii.gz", "--moving-mask", "mm.nii.gz",
-            "--no-png", "--overwrite", "--quiet"]
+            "--no-foreground-box", "--no-png", "--overwrite", "--quiet"]
     options = register_cli.options_from_args(register_cli.parser().parse_args(argv))
     expected = RegistrationOptions(
         model="/models/my.pt", device="cpu", threads=3, working_spacing=(1.5, 2.0, 2.5),
         intensity_window=((-100.0, 300.0), (0.0, 1200.0)), initial_alignment="rigid",
         initial_transform=expected_matrix, contrast="different", network=False, preset="fast",
-        refine_iterations=25, refine_seconds=12.5, refine_similarity="mind", inverse=True)
+        refine_iterations=25, refine_seconds=12.5, refine_similarity="mind", inverse=True,
+        foreground_box=False)
     np.testing.assert_allclose(options.initial_transform, expected_matrix, rtol=0, atol=1e-12)
     assert options.replace(initial_transform=None) == expected.replace(initial_transform=None)
     # the flags only the command has (folders, label maps, output choices) are not options

@@ -1026,7 +1026,7 @@ def test_worker_job_file_round_trips_the_options(scene, volumes, worker_env, tmp
         working_spacing=(1.5, 2.0, 2.5), intensity_window=((-100.0, 900.0), (0.0, 1200.5)),
         initial_alignment="rigid", initial_transform=translation_matrix(1.0, -2.0, 3.5),
         contrast="same", network=True, preset="accurate", refine_iterations=12,
-        refine_seconds=3.5, refine_similarity="lncc", inverse=True)
+        refine_seconds=3.5, refine_similarity="lncc", inverse=True, foreground_box=False)
     defaults = RegistrationOptions()
     changed = [k for k, v in options.to_dict().items() if v == defaults.to_dict()[k]]
     assert changed == [], f"options left at their defaults: {changed}"

@@ -61,9 +61,11 @@ def write_displacement(field, path) -> None:
         raise ValueError("write_displacement: a 3D image of 3-vectors is needed, got "
                          f"{field.GetDimension()}D with {field.GetNumberOfComponentsPerPixel()} "
                          "components per pixel")
-    ras = sitk.GetArrayFromImage(field).astype(np.float32)  # (k, j, i, 3) LPS
+    # A view of the field, one float32 copy (k, j, i, 3): no float64 copy of a CT-sized field
+    ras = sitk.GetArrayViewFromImage(field).astype(np.float32)
     ras[..., :2] *= -1.0
     image = sitk.GetImageFromArray(ras, isVector=True)
+    del ras
     image.CopyInformation(field)
     if path.endswith(".nii"):
         _write_dispvect(image, path)

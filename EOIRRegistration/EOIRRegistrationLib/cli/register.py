@@ -103,6 +103,10 @@ def add_registration_options(p: argparse.ArgumentParser) -> None:
                    default=DEFAULTS.refine_similarity,
                    help="similarity of the refinement (default: follows --contrast): lncc (one "
                         "contrast) or mind (MIND-SSC descriptors, two contrasts, e.g. T1 and T2)")
+    p.add_argument("--no-foreground-box", action="store_true",
+                   help="register on the whole fixed grid; by default the network and the "
+                        "optimisation cover the fixed image's foreground (e.g. a CT's body) plus "
+                        "25 mm when that leaves out at least a fifth of the grid")
     p.add_argument("--no-png", action="store_true", help="skip overview.png")
 
 
@@ -131,7 +135,8 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
         initial_transform=read_initial_transform(args.initial_transform),
         contrast=args.contrast, network=False if args.no_network else None, preset=args.preset,
         refine_iterations=args.refine, refine_seconds=args.refine_seconds,
-        refine_similarity=args.refine_similarity, inverse=args.inverse)
+        refine_similarity=args.refine_similarity, inverse=args.inverse,
+        foreground_box=not args.no_foreground_box)
 
 
 def stderr_progress(quiet: bool):

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,6 +95,32 @@ def working_grid(reference: Grid, spacing: Sequence[float], multiple: int = 16,
                 reference.direction)
 
 
+def sub_grid(grid: Grid, start, shape) -> Grid:
+    """The block of ``grid``'s voxels from array index ``start`` (k, j, i), ``shape`` voxels
+    (k, j, i): same spacing and direction, origin at the block's first voxel, so the block's
+    voxel p is ``grid``'s voxel start + p exactly."""
+    start_ijk = np.asarray(tuple(reversed([int(v) for v in start])), dtype=np.float64)
+    origin = grid.index_to_physical() @ np.append(start_ijk, 1.0)
+    return Grid(tuple(int(v) for v in reversed(shape)), grid.spacing,
+                tuple(float(v) for v in origin[:3]), grid.direction)
+
+
+#: voxels per slab of the full-resolution stages (a few float32 temporaries of 3 channels:
+#: ~0.2 GB each slab)
+SLAB_VOXELS = 1 << 22
+
+
+def slabs(grid: Grid, voxels: int | None = None):
+    """``(k0, k1, sub_grid)`` blocks of whole k slices of ``grid``, about ``voxels`` each
+    (default ``SLAB_VOXELS``): the full-resolution stages go slab by slab, so no temporary
+    holds the whole grid."""
+    nk, nj, ni = grid.shape
+    step = max(1, (voxels or SLAB_VOXELS) // (nj * ni))
+    for k0 in range(0, nk, step):
+        k1 = min(nk, k0 + step)
+        yield k0, k1, sub_grid(grid, (k0, 0, 0), (k1 - k0, nj, ni))
+
+
 def array_coords_of(target: Grid, source: Grid, displacement: torch.Tensor | None = None,
                     affine: np.ndarray | None = None, device=None) -> torch.Tensor:
     """Array-order voxel coordinates in ``source`` of every voxel of ``target``: ``(1, 3, *shape)``.
@@ -122,15 +149,36 @@ def array_coords_of(target: Grid, source: Grid, displacement: torch.Tensor | Non
     return coords.unsqueeze(0)
 
 
-def sample_like_itk(image: torch.Tensor, coords: torch.Tensor, mode: str = "linear") -> torch.Tensor:
+def sample_like_itk(image: torch.Tensor, coords: torch.Tensor, mode: str = "linear",
+                    start=None, full_shape=None) -> torch.Tensor:
     """Sample ``image (B, C, *S)`` at array coordinates ``coords (1, 3, *T)`` like ITK's resampler:
-    border-replicated interpolation inside ``[-0.5, size - 0.5)``, 0 outside."""
-    out = spatial.sample(image, coords, mode=mode, padding="border")
+    border-replicated interpolation inside ``[-0.5, size - 0.5)``, 0 outside.
+
+    start, full_shape: ``image`` is the block from array index ``start`` of an image of
+    ``full_shape`` (coordinates are the full image's): the same values as sampling the full
+    image wherever the points' interpolation neighbours lie in the block (``reach``)."""
+    if start is not None:
+        shift = torch.as_tensor(start, dtype=coords.dtype, device=coords.device).view(1, 3, 1, 1, 1)
+        out = spatial.sample(image, coords - shift, mode=mode, padding="border")
+    else:
+        out = spatial.sample(image, coords, mode=mode, padding="border")
     inside = torch.ones(coords.shape[2:], dtype=torch.bool, device=coords.device)
-    for axis, n in enumerate(image.shape[2:]):
+    for axis, n in enumerate(full_shape or image.shape[2:]):
         c = coords[0, axis]
         inside &= (c >= -0.5) & (c < n - 0.5)
     return out * inside.to(out.dtype)
+
+
+def reach(coords: torch.Tensor, shape, halo) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(start, stop) array indices of the block of an image of ``shape`` that linear
+    interpolation at ``coords (1, 3, *T)`` reads, widened by ``halo`` voxels per axis (a
+    filter's reach) and clipped to the image."""
+    start, stop = [], []
+    for axis, n in enumerate(shape):
+        c = coords[0, axis].clamp(0, n - 1)
+        start.append(max(0, int(math.floor(float(c.min()))) - int(halo[axis]) - 1))
+        stop.append(min(n, int(math.ceil(float(c.max()))) + int(halo[axis]) + 2))
+    return tuple(start), tuple(stop)
 
 
 def image_to_tensor(image: sitk.Image, dtype=torch.float32) -> torch.Tensor:
@@ -139,8 +187,10 @@ def image_to_tensor(image: sitk.Image, dtype=torch.float32) -> torch.Tensor:
         raise ValueError("expected a scalar image, got "
                          f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
     # np.array copies: the tensor must not alias the image's buffer (a float64 image would
-    # otherwise be shared, and freed with the image).
-    arr = np.array(sitk.GetArrayViewFromImage(image), dtype=np.float64)
+    # otherwise be shared, and freed with the image). Straight to the wanted precision: one
+    # rounding either way, and no float64 copy of a CT.
+    wanted = np.float32 if dtype == torch.float32 else np.float64
+    arr = np.array(sitk.GetArrayViewFromImage(image), dtype=wanted)
     return torch.from_numpy(arr).to(dtype)[None, None]
 
 

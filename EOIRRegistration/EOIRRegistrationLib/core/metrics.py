@@ -63,14 +63,48 @@ def jacobian_determinant(displacement: torch.Tensor, grid: Grid) -> torch.Tensor
         stop = min(nk, start + slab)
         # One halo slice each side makes the slab's central differences equal the global ones.
         lo, hi = max(0, start - 1), min(nk, stop + 1)
-        g = spatial.spatial_gradient(d[None, :, lo:hi].to(work, calc))[0]
-        g = g[:, :, start - lo:stop - lo]  # (channel c, array axis a, slab)
-        # dd_c/dx_b = sum_a dd_c/dp_a * dp_a/dx_b, written out: no einsum permute copies.
-        jac = torch.stack([torch.stack([g[c, 0] * float(m[0, b]) + g[c, 1] * float(m[1, b])
-                                        + g[c, 2] * float(m[2, b]) for b in range(3)])
-                           for c in range(3)])
-        out[start:stop] = _det(jac).to(out_dtype)
+        part = d[:, lo:hi].to(work, calc)
+        keep = slice(start - lo, stop - lo)
+        # dd_c/dx_b = sum_a dd_c/dp_a * dp_a/dx_b; the zero terms of an axis-aligned grid skipped
+        jac = []
+        for c in range(3):
+            g = [_central_difference(part[c], a)[keep] for a in range(3)]
+            row = []
+            for b in range(3):
+                terms = [(a, float(m[a, b])) for a in range(3) if m[a, b] != 0.0]
+                acc = g[terms[0][0]] * terms[0][1]
+                for a, w in terms[1:]:
+                    acc.add_(g[a], alpha=w)
+                row.append(acc)
+            jac.append(row)
+        out[start:stop] = _det_plus_identity(jac).to(out_dtype)
     return out
+
+
+def _central_difference(f: torch.Tensor, axis: int) -> torch.Tensor:
+    """d f / d index along ``axis`` of a 3D tensor: central differences, one-sided at the
+    borders (``spatial.spatial_gradient``'s rule), into one new tensor."""
+    n = f.shape[axis]
+    out = torch.empty_like(f)
+    if n < 2:
+        return out.zero_()
+    if n > 2:
+        torch.sub(f.narrow(axis, 2, n - 2), f.narrow(axis, 0, n - 2),
+                  out=out.narrow(axis, 1, n - 2)).mul_(0.5)
+    torch.sub(f.narrow(axis, 1, 1), f.narrow(axis, 0, 1), out=out.narrow(axis, 0, 1))
+    torch.sub(f.narrow(axis, n - 1, 1), f.narrow(axis, n - 2, 1), out=out.narrow(axis, n - 1, 1))
+    return out
+
+
+def _det_plus_identity(j) -> torch.Tensor:
+    """det(I + J) of a 3x3 nested list of tensors, with few temporaries."""
+    a, b, c = j[0][0].add_(1.0), j[0][1], j[0][2]
+    d, e, f = j[1][0], j[1][1].add_(1.0), j[1][2]
+    g, h, i = j[2][0], j[2][1], j[2][2].add_(1.0)
+    det = (e * i).sub_(f * h).mul_(a)
+    det.sub_((d * i).sub_(f * g).mul_(b))
+    det.add_((d * h).sub_(e * g).mul_(c))
+    return det
 
 
 def jacobian_determinant_voxel(disp: torch.Tensor) -> torch.Tensor:

@@ -51,10 +51,22 @@ def _folding(a: np.ndarray) -> float:
     return float(np.count_nonzero(a <= 0)) / a.size if a.size else math.nan
 
 
+_CHUNK = 1 << 22  # values per piece of a large array's SDlogJ (float64 temporaries: ~32 MB)
+
+
 def _sdlogj(a: np.ndarray) -> float:
     if not a.size:
         return math.nan
-    return float(np.std(np.log(np.clip(a.astype(np.float64), *LOG_CLIP))))
+    flat = a.reshape(-1)
+    logs = lambda x: np.log(np.clip(x.astype(np.float64), *LOG_CLIP))  # noqa: E731
+    if flat.size <= _CHUNK:
+        return float(np.std(logs(flat)))
+    # A CT's 84M values in pieces, two passes (mean, then squared deviations): no float64 copy
+    # of the whole array.
+    pieces = range(0, flat.size, _CHUNK)
+    mean = sum(float(logs(flat[i:i + _CHUNK]).sum()) for i in pieces) / flat.size
+    return math.sqrt(sum(float(np.square(logs(flat[i:i + _CHUNK]) - mean).sum())
+                         for i in pieces) / flat.size)
 
 
 def folding_fraction(det, mask=None) -> float:

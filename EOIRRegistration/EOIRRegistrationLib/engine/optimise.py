@@ -65,10 +65,24 @@ def schedule_of(preset: str, finest_iterations: int | None = None) -> Schedule:
     return replace(schedule, iterations=schedule.iterations[:-1] + (int(finest_iterations),))
 
 
-def level_grid(fixed: geometry.Grid, scale_mm: float) -> geometry.Grid:
+#: the most voxels of one level: a finer level is made coarser (every axis by the same factor)
+#: to hold this many. A 1 mm brain cropped to its head (~5M voxels) is untouched; a CT's 1 mm
+#: level (~31M voxels in a trunk's box: 3 steps of ~25 s and ~8 GB) becomes ~1.6 mm.
+MAX_LEVEL_VOXELS = 1 << 23
+
+
+def level_grid(fixed: geometry.Grid, scale_mm: float,
+               max_voxels: int = MAX_LEVEL_VOXELS) -> geometry.Grid:
     """The grid of one level: ``scale_mm`` per axis but never finer than the fixed grid's own
-    spacing; the fixed grid itself when no axis is coarser."""
+    spacing, coarser when it would hold more than ``max_voxels``; the fixed grid itself when no
+    axis is coarser."""
     spacing = np.maximum(np.asarray(fixed.spacing, dtype=float), float(scale_mm))
+    extent = np.asarray(fixed.size) * np.asarray(fixed.spacing)
+    voxels = lambda sp: float(np.prod(np.ceil(extent / sp - 1e-6)))  # noqa: E731 (working_grid's)
+    if voxels(spacing) > max_voxels:
+        spacing = spacing * (voxels(spacing) / max_voxels) ** (1.0 / 3.0)
+        while voxels(spacing) > max_voxels:  # each size rounds up
+            spacing = spacing * 1.002
     if np.allclose(spacing, fixed.spacing, rtol=1e-3):
         return fixed
     return geometry.working_grid(fixed, tuple(spacing), multiple=1, min_size=4)
@@ -92,6 +106,11 @@ def _filter_axis(x: torch.Tensor, weights: list[float], axis: int) -> torch.Tens
     return out
 
 
+def gaussian_radius(sigma: float) -> int:
+    """Voxels each side of ``gaussian``'s kernel (0: not filtered)."""
+    return 0 if sigma <= 0.05 else max(1, int(math.ceil(2.0 * sigma)))
+
+
 def gaussian(x: torch.Tensor, sigma) -> torch.Tensor:
     """Separable Gaussian, sigma in voxels (one value, or one per array axis), truncated at 2
     sigma, borders replicated."""
@@ -99,7 +118,7 @@ def gaussian(x: torch.Tensor, sigma) -> torch.Tensor:
     for axis, sig in enumerate(sigmas):
         if sig <= 0.05 or x.shape[axis + 2] < 2:
             continue
-        r = max(1, int(math.ceil(2.0 * sig)))
+        r = gaussian_radius(sig)
         w = [math.exp(-0.5 * (k / sig) ** 2) for k in range(-r, r + 1)]
         total = sum(w)
         x = _filter_axis(x, [v / total for v in w], axis)
@@ -113,11 +132,16 @@ def image_at(values: torch.Tensor, source: geometry.Grid, level: geometry.Grid, 
     linear rules) through ``affine`` (4x4 LPS, level point -> source point)."""
     spacing = np.asarray(source.spacing, dtype=float)  # x, y, z
     sigma = 0.5 * np.sqrt(np.maximum(float(scale_mm) ** 2 - spacing ** 2, 0.0)) / spacing
-    smoothed = gaussian(values, tuple(reversed(sigma.tolist())))  # array order k, j, i
+    sigma = tuple(reversed(sigma.tolist()))  # array order k, j, i
     if level == source and affine is None:
-        return smoothed
-    return geometry.sample_like_itk(smoothed, geometry.array_coords_of(level, source,
-                                                                       affine=affine))
+        return gaussian(values, sigma)
+    coords = geometry.array_coords_of(level, source, affine=affine)
+    # Only the block the level reads is smoothed (a CT's box of a whole moving image): inside
+    # it, away from its cut edges by the Gaussian's reach, the values are the whole image's.
+    start, stop = geometry.reach(coords, values.shape[2:], [gaussian_radius(s) for s in sigma])
+    block = values[:, :, start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
+    return geometry.sample_like_itk(gaussian(block, sigma), coords, start=start,
+                                    full_shape=tuple(values.shape[2:]))
 
 
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:

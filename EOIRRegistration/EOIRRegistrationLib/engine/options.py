@@ -156,6 +156,9 @@ class RegistrationOptions:
     #: LPS mm on the moving image's grid, the initial linear part included); fixed labels given
     #: to the engine imply it (they are carried into the moving space through it)
     inverse: bool = False
+    #: the network and the optimisation on the fixed image's foreground box only (a CT's body,
+    #: not the air around it; ``engine/foreground.py``); False: on the whole fixed grid
+    foreground_box: bool = True
 
     def __post_init__(self):
         model = self.model
@@ -183,6 +186,8 @@ class RegistrationOptions:
             raise InputError(f"network must be True, False or None, got {self.network!r}")
         if not isinstance(self.inverse, bool):
             raise InputError(f"inverse must be True or False, got {self.inverse!r}")
+        if not isinstance(self.foreground_box, bool):
+            raise InputError(f"foreground_box must be True or False, got {self.foreground_box!r}")
         if self.refine_seconds is not None:
             seconds = _number(self.refine_seconds, "the refinement time budget")
             if seconds <= 0:

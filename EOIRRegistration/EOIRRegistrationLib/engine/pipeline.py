@@ -36,8 +36,9 @@ import torch
 from EOIRRegistrationLib.core import geometry, metrics, qa, spatial
 from EOIRRegistrationLib.core.errors import DeviceError, InputError, RegistrationCancelled
 from EOIRRegistrationLib.core.intensity import normalize, outlier_bounds, window_of
-from EOIRRegistrationLib.engine import alignment, checks, inverse, masks, optimise
+from EOIRRegistrationLib.engine import alignment, checks, foreground, inverse, masks, memory, optimise
 from EOIRRegistrationLib.engine import contrast as contrast_test
+from EOIRRegistrationLib.engine.allocator import release_freed_memory
 from EOIRRegistrationLib.engine.checks import check_image
 from EOIRRegistrationLib.engine.devices import COARSER_SPACING, is_out_of_memory, resolve_device
 from EOIRRegistrationLib.engine.modelfile import LoadedModel, resolve_model
@@ -50,6 +51,8 @@ from EOIRRegistrationLib.engine.refine import config_from_options, refine_displa
 from EOIRRegistrationLib.engine.result import RegistrationResult
 
 ProgressCallback = Callable[[str, float], None]
+#: fixed grids above this many voxels (a CT's 84M) give freed memory back between stages
+LARGE_GRID_VOXELS = 1 << 24
 STAGES = ("loading model", "preparing images", "registering", "refining", "resampling",
           "inverting", "quality figures")
 
@@ -92,10 +95,10 @@ class _Stages:
             self.progress("done", 1.0)
 
 
-def _to_working(image: sitk.Image, values: torch.Tensor, grid: geometry.Grid,
+def _to_working(values: torch.Tensor, source: geometry.Grid, grid: geometry.Grid,
                 affine=None) -> torch.Tensor:
-    """``values`` (the image as a tensor) resampled onto the working grid, through ``affine``."""
-    coords = geometry.array_coords_of(grid, geometry.Grid.from_image(image), affine=affine)
+    """``values`` (an image on ``source``) resampled onto the working grid, through ``affine``."""
+    coords = geometry.array_coords_of(grid, source, affine=affine)
     return geometry.sample_like_itk(values, coords)
 
 
@@ -117,17 +120,32 @@ def _working_mm(u: torch.Tensor, grid: geometry.Grid) -> torch.Tensor:
     return torch.einsum("ab,b...->a...", to_lps, u[0])[None]
 
 
-def _include_affine(disp: torch.Tensor, grid: geometry.Grid, a: np.ndarray) -> torch.Tensor:
-    """Displacement of x -> A (x + d(x)) on ``grid``: A_lin d(x) + (A_lin - I) x + t."""
+def _include_affine(disp: torch.Tensor, grid: geometry.Grid, a: np.ndarray,
+                    inplace: bool = False) -> torch.Tensor:
+    """Displacement of x -> A (x + d(x)) on ``grid``: A_lin d(x) + (A_lin - I) x + t; slab by
+    slab (float64 positions, the field's dtype out), into ``disp`` itself when ``inplace``."""
     lin = torch.as_tensor(a[:3, :3], dtype=disp.dtype)
-    out = torch.einsum("ab,b...->a...", lin, disp)
-    # (A_lin - I) x + t at every voxel, with x = M p + o (M, o from the grid's array matrix).
-    m = grid.array_to_physical()
-    affine_part = (a[:3, :3] - np.eye(3)) @ m[:3, :3]
-    offset = (a[:3, :3] - np.eye(3)) @ m[:3, 3] + a[:3, 3]
-    p = spatial.identity_grid(grid.shape, dtype=torch.float64)
-    out += (torch.einsum("ab,b...->a...", torch.as_tensor(affine_part), p)
-            + torch.as_tensor(offset).view(3, 1, 1, 1)).to(disp.dtype)
+    out = disp if inplace else torch.empty_like(disp)
+    for k0, k1, slab in geometry.slabs(grid):
+        # (A_lin - I) x + t at every voxel, with x = M p + o (M, o from the slab's array matrix).
+        m = slab.array_to_physical()
+        affine_part = (a[:3, :3] - np.eye(3)) @ m[:3, :3]
+        offset = (a[:3, :3] - np.eye(3)) @ m[:3, 3] + a[:3, 3]
+        p = spatial.identity_grid(slab.shape, dtype=torch.float64)
+        linear = (torch.einsum("ab,b...->a...", torch.as_tensor(affine_part), p)
+                  + torch.as_tensor(offset).view(3, 1, 1, 1)).to(disp.dtype)
+        out[:, k0:k1] = torch.einsum("ab,b...->a...", lin, disp[:, k0:k1]).add_(linear)
+    return out
+
+
+def _sample_through(values: torch.Tensor, source: geometry.Grid, target: geometry.Grid,
+                    disp: torch.Tensor, mode: str = "linear") -> torch.Tensor:
+    """``values (1, 1, *source.shape)`` read at x + disp(x) for every voxel x of ``target``
+    (ITK's rules, ``geometry.sample_like_itk``), slab by slab: ``(*target.shape)``."""
+    out = torch.empty(target.shape, dtype=values.dtype)
+    for k0, k1, slab in geometry.slabs(target):
+        coords = geometry.array_coords_of(slab, source, displacement=disp[:, k0:k1])
+        out[k0:k1] = geometry.sample_like_itk(values, coords, mode=mode)[0, 0]
     return out
 
 
@@ -156,9 +174,12 @@ def _refine_on(fixed_w, moving_w, u, refine, on_step, cancel, weights, device) -
 def _labels_through(labels: sitk.Image, target: geometry.Grid, disp: torch.Tensor) -> sitk.Image:
     """``labels`` (any grid) read at ``x + disp(x)`` for every voxel x of ``target``, by nearest
     neighbour, on ``target`` in the labels' pixel type."""
-    coords = geometry.array_coords_of(target, geometry.Grid.from_image(labels), displacement=disp)
-    lab = geometry.sample_like_itk(geometry.image_to_tensor(labels, torch.float64), coords,
-                                   mode="nearest")[0, 0]
+    # float32 holds every integer label below 2^24 exactly, at half float64's memory
+    extremes = sitk.MinimumMaximumImageFilter()
+    extremes.Execute(labels)
+    big = max(abs(extremes.GetMinimum()), abs(extremes.GetMaximum())) >= 2 ** 24
+    values = geometry.image_to_tensor(labels, torch.float64 if big else torch.float32)
+    lab = _sample_through(values, geometry.Grid.from_image(labels), target, disp, "nearest")
     return geometry.tensor_to_image(lab.round().numpy(), target, labels.GetPixelID())
 
 
@@ -243,6 +264,13 @@ def _clamped(values: torch.Tensor, window, inplace: bool = False) -> torch.Tenso
     return values.clamp_(low, high) if inplace else values.clamp(low, high)
 
 
+def _release_if_large(grid: geometry.Grid) -> None:
+    """Freed memory back to the system on grids above ``LARGE_GRID_VOXELS`` (a CT): the next
+    stage's fields would otherwise come on top of it (``allocator.py``)."""
+    if np.prod(grid.shape) > LARGE_GRID_VOXELS:
+        release_freed_memory()
+
+
 def _alignment_words(chosen: alignment.Alignment) -> str:
     """How the images were placed, for the overlap messages."""
     if chosen.method == "none":
@@ -266,6 +294,8 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
                          f"iterations (e.g. {DEFAULT_REFINE_ITERATIONS_ALONE}); or use a "
                          "contrast-agnostic model")
     spacing = options.working_spacing or loaded.working_spacing
+    memory.check_grids(fixed, moving, spacing, loaded.model.size_multiple, options.preset,
+                       options.inverse or fixed_labels is not None)
 
     stages.start("preparing images")
     chosen = alignment.choose_alignment(fixed, moving, options.initial_alignment,
@@ -279,7 +309,6 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
                                            "fixed image", a, how)
     affine = None if np.allclose(a, np.eye(4)) else a
     fixed_grid = geometry.Grid.from_image(fixed)
-    wgrid = geometry.working_grid(fixed_grid, spacing, multiple=loaded.model.size_multiple)
     # Each image is converted to a tensor once; the moving one is reused for the final warp.
     fixed_t, moving_t = geometry.image_to_tensor(fixed), geometry.image_to_tensor(moving)
     windows = []
@@ -293,8 +322,15 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
     # Outliers clamped for the registration; the warped output keeps the moving image's values.
     fixed_t = _clamped(fixed_t, windows[0], inplace=True)
     moving_c = _clamped(moving_t, windows[1])
-    fixed_w = normalize(_to_working(fixed, fixed_t, wgrid), windows[0])
-    moving_w = normalize(_to_working(moving, moving_c, wgrid, affine), windows[1])
+    moving_grid = geometry.Grid.from_image(moving)
+    # The network and the optimisation work on the foreground's box (foreground.py).
+    box = (foreground.box(fixed_t, fixed_grid, windows[0]) if options.foreground_box
+           else ((0, 0, 0), fixed_grid.shape))
+    region = geometry.sub_grid(fixed_grid, *box)
+    region_t = foreground.crop(fixed_t, *box)
+    wgrid = geometry.working_grid(region, spacing, multiple=loaded.model.size_multiple)
+    fixed_w = normalize(_to_working(region_t, region, wgrid), windows[0])
+    moving_w = normalize(_to_working(moving_c, moving_grid, wgrid, affine), windows[1])
     contrast, correlation = contrast_test.decide(options.contrast, fixed_w, moving_w)
     if network is None:
         network = contrast == "same" or refine is None or agnostic
@@ -308,6 +344,7 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
         stages.start("registering")
         u, dev = _with_cpu_fallback(partial(run_network, loaded, fixed_w, moving_w), dev,
                                     requested, stages, "registering", shape)
+        _release_if_large(fixed_grid)  # the network's feature maps, before the optimisation
     else:
         u = fixed_w.new_zeros(1, 3, *shape)
     refinement = None
@@ -319,18 +356,21 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
         if multiscale:
             schedule = optimise.schedule_of(options.preset, options.refine_iterations)
             start = (_working_mm(u, wgrid), wgrid) if network else None
-            level_images = _level_images(fixed_t, fixed_grid, moving_c,
-                                         geometry.Grid.from_image(moving), affine, windows)
+            level_images = _level_images(region_t, region, moving_c, moving_grid, affine, windows)
             disp, dev = _with_cpu_fallback(
-                lambda d: optimise.optimise(*level_images, fixed_grid, schedule, start=start,
+                lambda d: optimise.optimise(*level_images, region, schedule, start=start,
                                             progress=on_step, cancel=cancel,
                                             time_budget_s=refine.time_budget_s,
                                             timings=stages.timings, device=d,
                                             masks=masks.level_masks(*given_masks, affine)),
-                dev, requested, stages, "refining", fixed_grid.shape)
+                dev, requested, stages, "refining", region.shape)
             refinement = {"similarity": "lncc", "preset": options.preset,
                           "scales_mm": list(schedule.scales_mm),
                           "iterations": list(schedule.iterations)}
+            finest = optimise.level_grid(region, schedule.scales_mm[-1])
+            if finest != optimise.level_grid(region, schedule.scales_mm[-1], max_voxels=2 ** 62):
+                # made coarser by optimise.MAX_LEVEL_VOXELS
+                refinement["finest_grid_mm"] = [round(float(v), 3) for v in finest.spacing]
         else:
             weights = masks.level_masks(*given_masks, affine)
             u, dev = _with_cpu_fallback(
@@ -341,19 +381,20 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
                           "sample_fraction": refine.sample_fraction}
         if _cancelled(cancel):
             raise RegistrationCancelled("registration cancelled while refining")
-    del fixed_w, moving_w, fixed_t, moving_c
+    del fixed_w, moving_w, fixed_t, region_t, moving_c
 
+    _release_if_large(fixed_grid)  # the optimisation's buffers, before the full-size fields
     stages.start("resampling")
-    if disp is None:  # the working grid's field -> LPS mm interpolated at the fixed grid's voxels
-        disp = optimise.move_field(_working_mm(u, wgrid), wgrid, fixed_grid)[0]
+    if disp is None:  # the working grid's field -> LPS mm interpolated at the box's voxels
+        disp = optimise.move_field(_working_mm(u, wgrid), wgrid, region)[0]
     del u
-    moving_grid = geometry.Grid.from_image(moving)
+    disp = foreground.extend(disp, box[0], fixed_grid.shape)
+    inverting = options.inverse or fixed_labels is not None
     deformable = disp  # the inverse inverts the matrix exactly, apart from the deformable part
     if affine is not None:
-        disp = _include_affine(disp, fixed_grid, affine)
-    coords = geometry.array_coords_of(fixed_grid, moving_grid, displacement=disp)
-    warped = geometry.sample_like_itk(moving_t, coords)[0, 0]
-    del coords, moving_t
+        disp = _include_affine(disp, fixed_grid, affine, inplace=not inverting)
+    warped = _sample_through(moving_t, moving_grid, fixed_grid, disp)
+    del moving_t
     warped_labels = None
     if moving_labels is not None:
         warped_labels = _labels_through(moving_labels, fixed_grid, disp)
@@ -362,7 +403,7 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
             warnings.append("the warped labels are empty: the deformation moved every "
                             "labelled voxel out of the fixed image's field of view")
     inverse_disp = inverse_qa = labels_in_moving = None
-    if options.inverse or fixed_labels is not None:
+    if inverting:
         stages.start("inverting")
         inverse_disp, inverse_qa = inverse.invert(deformable, fixed_grid, moving_grid, affine)
         if fixed_labels is not None:
@@ -372,12 +413,24 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
 
     stages.start("quality figures")
     det = metrics.jacobian_determinant(disp, fixed_grid)
+    images = {"warped": geometry.tensor_to_image(warped, fixed_grid),
+              "jacobian": geometry.tensor_to_image(det, fixed_grid),
+              "folding": geometry.tensor_to_image((det <= 0).to(torch.uint8), fixed_grid,
+                                                  sitk.sitkUInt8)}
+    summary = qa.jacobian_summary(det.numpy())
+    del warped, det
+    # geometry.displacement_to_image in steps holding at most three float32 fields' worth at
+    # once (a CT's: 1 GB each), the freed ones given back; the same float64 values
+    channels = [sitk.GetImageFromArray(disp[c].numpy()) for c in range(3)]
+    del disp
+    vectors = sitk.Compose(channels)
+    del channels
+    _release_if_large(fixed_grid)
+    images["displacement"] = fixed_grid.apply_to(sitk.Cast(vectors, sitk.sitkVectorFloat64))
+    del vectors
+    _release_if_large(fixed_grid)  # before the caller writes the outputs
     result = RegistrationResult(
-        displacement=geometry.displacement_to_image(disp, fixed_grid),
-        warped=geometry.tensor_to_image(warped, fixed_grid),
-        jacobian=geometry.tensor_to_image(det, fixed_grid),
-        folding=geometry.tensor_to_image((det <= 0).to(torch.uint8), fixed_grid, sitk.sitkUInt8),
-        warped_labels=warped_labels, qa=qa.jacobian_summary(det.numpy()), options=options,
+        **images, warped_labels=warped_labels, qa=summary, options=options,
         model_name=loaded.name, device=str(dev), working_size=tuple(wgrid.size),
         working_spacing=tuple(wgrid.spacing), initial_matrix=a,
         initial_alignment=chosen.method, initial_alignment_note=chosen.note,

@@ -52,7 +52,8 @@ class RegistrationResult:
     contrast: str = "same"          # "same" or "different" ("auto" resolved)
     contrast_correlation: float = math.nan  # the figure "auto" decides on (engine/contrast.py)
     #: the optimisation that ran, None when off: one contrast {similarity "lncc", preset,
-    #: scales_mm, iterations (per scale)}; two {similarity "mind", iterations, sample_fraction}
+    #: scales_mm, iterations (per scale), finest_grid_mm when the finest level was made coarser
+    #: by its size limit}; two {similarity "mind", iterations, sample_fraction}
     refinement: dict | None = None
     timings: dict = field(default_factory=dict)  # stage -> seconds
     #: what the user must know about this result (a partial overlap of the inputs, a doubtful
@@ -83,6 +84,8 @@ class RegistrationResult:
             steps = (f"LNCC optimisation{'' if self.network else ' alone'} at "
                      f"{'/'.join(f'{s:g}' for s in r['scales_mm'])} mm, "
                      f"{'/'.join(map(str, r['iterations']))} steps ({r['preset']})")
+            if r.get("finest_grid_mm"):  # made coarser by optimise.MAX_LEVEL_VOXELS
+                steps += f", the finest level at {min(r['finest_grid_mm']):.2g} mm (its size limit)"
         else:
             steps = (f"{'MIND-SSC' if r['similarity'] == 'mind' else 'LNCC'} refinement"
                      f"{'' if self.network else ' alone'}, {r['iterations']} steps")
