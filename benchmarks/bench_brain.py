@@ -287,7 +287,8 @@ def _child_ants(fixed_path, moving_path, out, threads, opts):
 def child_main(argv) -> int:
     method, fixed, moving, out, threads, opts = argv
     out, threads, opts = Path(out).resolve(), int(threads), json.loads(opts)
-    os.chdir(out)  # tools that drop files in the working folder (transformix) drop them here
+    if method != "ours":  # eoir-register refuses an output folder that holds the working folder
+        os.chdir(out)  # tools that drop files in the working folder (transformix) drop them here
     runner = {"ours": _child_ours, "demons": _child_demons, "elastix": _child_elastix,
               "ants": _child_ants}[method]
     seconds, extra = runner(fixed, moving, out, threads, opts)

@@ -403,7 +403,8 @@ def _child_fireants(fixed, moving, out, threads, opts):
 def child_main(argv) -> int:
     method, fixed, moving, out, threads, opts = argv
     out, threads, opts = Path(out).resolve(), int(threads), json.loads(opts)
-    os.chdir(out)  # tools that drop files in the working folder drop them here
+    if method != "ours":  # eoir-register refuses an output folder that holds the working folder
+        os.chdir(out)  # tools that drop files in the working folder (transformix) drop them here
     if method in ("demons", "ants", "elastix"):  # the brain benchmark's peers, unchanged
         runner = {"demons": bench_brain._child_demons, "ants": bench_brain._child_ants,
                   "elastix": bench_brain._child_elastix}[method]
