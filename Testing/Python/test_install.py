@@ -59,8 +59,11 @@ def test_the_documented_module_command_runs_the_clone_from_its_root():
 
 
 def make_dry_run(*variables: str) -> subprocess.CompletedProcess:
+    # A fresh make, also when the suite itself runs under `make test`: the parent's MAKEFLAGS
+    # would pass its PYTHON=... on and make[1] would print "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     return subprocess.run(["make", "-n", "test", *variables], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=env)
 
 
 def venv_from(python, folder: Path) -> Path:
