@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from EOIRRegistrationLib.core import spatial
 
@@ -135,3 +136,24 @@ def test_spatial_gradient_of_a_linear_field_is_its_matrix():
 def test_bad_field_shapes_are_refused_with_a_message(bad):
     with pytest.raises(ValueError, match="displacement must have shape"):
         spatial.compose(bad, bad)
+
+
+@pytest.mark.parametrize("shape, channels", [((65, 40, 29), 1), ((48, 40, 36), 3), ((257, 257), 2)])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_grid_sample_split_over_threads_gives_the_single_calls_values(shape, channels, mode,
+                                                                      padding):
+    """Above SPLIT_SAMPLE_POINTS, the CPU sampler splits the points into one batch entry per
+    thread (also an uneven split: 65 rows on 2 threads); the values must equal one call's."""
+    torch.manual_seed(3)
+    image = torch.rand(1, channels, *shape)
+    grid = torch.rand(1, *shape, len(shape)) * 2.4 - 1.2  # some points outside
+    assert grid[0, ..., 0].numel() >= spatial.SPLIT_SAMPLE_POINTS
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = spatial.grid_sample(image, grid, mode, padding)
+    finally:
+        torch.set_num_threads(threads)
+    single = F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+    assert torch.equal(split, single)

@@ -34,6 +34,7 @@ __all__ = [
     "identity_grid",
     "voxel_to_normalized",
     "sample",
+    "grid_sample",
     "warp",
     "compose",
     "integrate_velocity",
@@ -82,8 +83,38 @@ def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "linear",
     if coords.shape[0] != image.shape[0]:
         coords = coords.expand(image.shape[0], *coords.shape[1:])
     grid = voxel_to_normalized(coords.to(image.dtype), image.shape[2:])
-    return F.grid_sample(image, grid, mode="bilinear" if mode == "linear" else "nearest",
-                         padding_mode=padding, align_corners=True)
+    return grid_sample(image, grid, mode="bilinear" if mode == "linear" else "nearest",
+                       padding=padding)
+
+
+#: outputs below this many points are sampled in one call (splitting costs more than it saves)
+SPLIT_SAMPLE_POINTS = 1 << 16
+
+
+def grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
+                padding: str = "zeros") -> torch.Tensor:
+    """``F.grid_sample(image, grid, align_corners=True)``, on a CPU with one image split into
+    as many batch entries as torch has threads: its 3-D CPU kernel runs the batch in parallel,
+    not the points of one entry (a 160x192x224 volume: 0.31 s as one entry on 2 threads, 0.16 s
+    as two). The same values; autograd takes the single call."""
+    threads = torch.get_num_threads()
+    rows = grid.shape[1] // max(threads, 1)
+    if (image.device.type != "cpu" or threads < 2 or grid.shape[0] != 1 or rows < 1
+            or grid[0, ..., 0].numel() < SPLIT_SAMPLE_POINTS
+            or (torch.is_grad_enabled() and (image.requires_grad or grid.requires_grad))):
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+    grid = grid.contiguous()
+    main = rows * threads
+    rest = grid.shape[2:-1]
+    parts = F.grid_sample(image.expand(threads, *image.shape[1:]),
+                          grid[:, :main].reshape(threads, rows, *grid.shape[2:]),
+                          mode=mode, padding_mode=padding, align_corners=True)  # (n, C, rows, ...)
+    out = torch.empty(1, image.shape[1], grid.shape[1], *rest, dtype=image.dtype)
+    out[0, :, :main].view(image.shape[1], threads, rows, *rest).copy_(parts.transpose(0, 1))
+    if main < grid.shape[1]:
+        out[:, :, main:] = F.grid_sample(image, grid[:, main:], mode=mode, padding_mode=padding,
+                                         align_corners=True)
+    return out
 
 
 def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "linear",
