@@ -3,12 +3,10 @@ its options passed as the command's own flags, progress, cancel and resume."""
 import time
 
 import numpy as np
-import pytest
 from test_batch import write_cohort
 
 from EOIRRegistrationLib.cli import batch as batch_cli
 from EOIRRegistrationLib.cli.register import options_from_args
-from EOIRRegistrationLib.core.errors import InputError
 from EOIRRegistrationLib.engine.options import RegistrationOptions
 from EOIRRegistrationLib.slicer.batch import batchArguments, runBatch
 
@@ -30,8 +28,10 @@ def test_every_option_reaches_eoir_batch_unchanged(tmp_path):
     defaults = options_from_args(batch_cli.parser().parse_args(
         ["m.csv", "--output-dir", "out", *batchArguments(RegistrationOptions(), tmp_path)]))
     assert defaults == RegistrationOptions()
-    with pytest.raises(InputError, match="no flag to force the network"):
-        batchArguments(RegistrationOptions(network=True), tmp_path)
+    for network in (True, False):  # forced on and off travel as --network / --no-network
+        forced = RegistrationOptions(network=network)
+        assert options_from_args(batch_cli.parser().parse_args(
+            ["m.csv", "--output-dir", "out", *batchArguments(forced, tmp_path)])) == forced
 
 
 def test_a_cancelled_cohort_resumes_with_the_pairs_it_finished(tmp_path):

@@ -10,8 +10,10 @@ from EOIRRegistrationLib.engine import contrast, modelfile, optimise
 from EOIRRegistrationLib.engine.options import (
     DEFAULT_REFINE_ITERATIONS,
     DEFAULT_REFINE_ITERATIONS_ALONE,
+    RegistrationOptions,
 )
 from EOIRRegistrationLib.engine.pipeline import register
+from EOIRRegistrationLib.engine.refine import config_from_options
 from EOIRRegistrationLib.training.phantom import make_phantom_pair
 
 
@@ -58,12 +60,12 @@ def test_the_pipeline_follows_the_detected_contrast(phantom_pairs):
     pair, inverted, model = phantom_pairs
     same = register(pair.fixed, pair.moving, loaded_model=model, initial_alignment="none",
                     refine_iterations=2)
-    assert same.contrast == "same" and same.network
+    assert same.contrast == "same" and not same.network  # the optimisation alone
     assert same.contrast_correlation > contrast.SAME_CONTRAST_MIN_CORRELATION
     assert same.refinement == {"similarity": "lncc", "preset": "default",
                                "scales_mm": list(optimise.PRESETS["default"].scales_mm),
                                "iterations": [*optimise.PRESETS["default"].iterations[:-1], 2]}
-    assert "registering" in same.timings
+    assert "registering" not in same.timings
     other = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none",
                      refine_iterations=2)
     assert other.contrast == "different" and not other.network
@@ -127,3 +129,19 @@ def test_a_contrast_agnostic_model_keeps_the_network_on_two_contrasts(phantom_pa
                     refine_iterations=0, contrast="different")
     assert only.network and only.refinement is None
     assert np.abs(sitk.GetArrayFromImage(only.displacement)).max() > 0.05
+
+
+@pytest.mark.parametrize("similarity, iterations, contrast_used, agnostic, expected", [
+    (None, 0, "same", False, True),          # no refinement: the network is the registration
+    (None, None, "same", False, False),      # one contrast: the multi-scale optimisation alone
+    (None, None, "same", True, False),
+    ("mind", None, "same", False, True),     # the single-scale MIND-SSC refinement: its start
+    (None, None, "different", False, False),  # a one-contrast network misleads on two
+    (None, None, "different", True, True),   # a contrast-agnostic one does not
+    ("lncc", None, "different", True, False),
+])
+def test_where_the_network_runs_by_default(similarity, iterations, contrast_used, agnostic,
+                                            expected):
+    options = RegistrationOptions(refine_iterations=iterations, refine_similarity=similarity)
+    assert contrast.network_by_default(config_from_options(options), contrast_used,
+                                       agnostic) is expected

@@ -211,6 +211,13 @@ def test_every_option_flag_maps_onto_its_option(tmp_path):
     assert options.replace(initial_transform=None) == expected.replace(initial_transform=None)
     # the flags only the command has (folders, label maps, output choices) are not options
     assert set(options.to_dict()) == set(FIELDS)
+    # --network forces the network on, --no-network off, neither leaves it to the engine
+    forced = register_cli.parser().parse_args(argv[:4] + ["--network"])
+    assert register_cli.options_from_args(forced).network is True
+    assert register_cli.options_from_args(
+        register_cli.parser().parse_args(argv[:4])).network is None
+    with pytest.raises(SystemExit):
+        register_cli.parser().parse_args(argv[:4] + ["--network", "--no-network"])
     # a flag value the options refuse is refused before anything runs
     bad = register_cli.parser().parse_args(argv[:4] + ["--refine", "-3"])
     with pytest.raises(InputError, match="refine iterations must be a whole number"):

@@ -143,7 +143,7 @@ def test_progress_reports_stages_in_order_and_cancel_stops(fixed_moving, tmp_pat
     fixed, moving = fixed_moving
     seen = []
     register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0), contrast="same",
-             progress=lambda stage, f: seen.append((stage, f)))
+             network=True, progress=lambda stage, f: seen.append((stage, f)))
     assert [s for s, _ in seen][:3] == ["loading model", "preparing images", "registering"]
     assert seen[-1] == ("done", 1.0)
     assert all(a[1] <= b[1] for a, b in zip(seen, seen[1:]))
@@ -202,7 +202,7 @@ def test_gpu_out_of_memory_falls_back_to_cpu_with_auto(fixed_moving, tmp_path, m
     monkeypatch.setattr(pipeline_module, "run_network", _oom_on_cuda(calls))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     result = register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0), device="auto",
-                      contrast="same", progress=lambda s, f: stages.append(s))
+                      contrast="same", network=True, progress=lambda s, f: stages.append(s))
     assert calls == ["cuda", "cpu"] and result.device == "cpu"
     assert any("out of memory" in s for s in stages)
 
@@ -215,7 +215,7 @@ def test_gpu_out_of_memory_with_explicit_cuda_is_a_clear_error(fixed_moving, tmp
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     with pytest.raises(DeviceError, match="ran out of memory.*coarser working spacing"):
         register(fixed, moving, loaded_model=tiny_model(tmp_path, "zero", 0), device="cuda",
-                 contrast="same")
+                 contrast="same", network=True)
 
 
 def _rotated_pair(angle_deg=25.0, shift=(12.0, -8.0, 5.0)):

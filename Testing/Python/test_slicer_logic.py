@@ -1237,7 +1237,7 @@ def test_real_engine_alignment_and_refinement_in_the_worker_process(scene, zero_
     assert moving.GetParentTransformNode() is out.transformNode
     # the worker reports which contrast path ran; the outputs and their summary carry it
     assert out.result.method.startswith("same contrast (intensity correlation ")
-    assert out.result.method.endswith("network + LNCC optimisation at 4/2/1 mm, 20/10/3 steps "
+    assert out.result.method.endswith("LNCC optimisation alone at 4/2/1 mm, 20/10/3 steps "
                                       "(default)")
     assert out.summary().startswith(out.result.method + "; folding")
     assert list(tmp_path.iterdir()) == []

@@ -72,7 +72,7 @@ def add_registration_options(p: argparse.ArgumentParser) -> None:
                    help="intensity windows in image units (e.g. CT in HU) instead of the model "
                         "card's normalisation")
     p.add_argument("--init", choices=INITIAL_ALIGNMENTS, default=DEFAULTS.initial_alignment,
-                   help="initial linear alignment before the network: auto (default: affine "
+                   help="initial linear alignment before the deformable step: auto (default: affine "
                         "unless the inputs are already aligned), none, com (centres of mass), "
                         "rigid or affine (mutual information on a coarse grid); included in "
                         "displacement.nii, also written to affine.tfm")
@@ -80,16 +80,22 @@ def add_registration_options(p: argparse.ArgumentParser) -> None:
                    help="linear ITK transform file (.tfm/.txt/.mat/.h5) mapping fixed points to "
                         "moving points, used as the starting point (overrides --init)")
     p.add_argument("--contrast", choices=CONTRASTS, default=DEFAULTS.contrast,
-                   help="same: one contrast (the network, then LNCC refinement); different: two "
+                   help="same: one contrast (the multi-scale LNCC optimisation); different: two "
                         "contrasts, e.g. T1 and T2 (the MIND-SSC refinement alone: the bundled "
                         "models are single-contrast; a model on MIND-SSC inputs keeps its "
                         "network); auto (default): decided from the images' correlation after "
                         "the initial alignment (written to report.json)")
-    p.add_argument("--no-network", action="store_true",
-                   help="skip the network whatever the contrast: the refinement alone, from the "
-                        "initial alignment (needs refinement)")
+    network = p.add_mutually_exclusive_group()
+    network.add_argument("--network", action="store_true",
+                         help="run the network first whatever the contrast, its field the "
+                              "optimisation's start (by default it runs only with --refine 0 "
+                              "and before the MIND-SSC refinement: before the one-contrast "
+                              "optimisation it cost time and gained no accuracy on real brains)")
+    network.add_argument("--no-network", action="store_true",
+                         help="never run the network: the refinement alone, from the initial "
+                              "alignment (needs refinement)")
     p.add_argument("--preset", choices=PRESETS, default=DEFAULTS.preset,
-                   help="schedule of the one-contrast optimisation after the network, coarse "
+                   help="schedule of the one-contrast optimisation, coarse "
                         "to fine down to the fixed image's own resolution: fast, default or "
                         "accurate (README, Benchmarks: what each gains and costs)")
     p.add_argument("--refine", type=int, default=DEFAULTS.refine_iterations, metavar="N",
@@ -133,7 +139,8 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
         intensity_window=None if window is None else (window[:2], window[2:]),
         initial_alignment=args.init,
         initial_transform=read_initial_transform(args.initial_transform),
-        contrast=args.contrast, network=False if args.no_network else None, preset=args.preset,
+        contrast=args.contrast, preset=args.preset,
+        network=True if args.network else False if args.no_network else None,
         refine_iterations=args.refine, refine_seconds=args.refine_seconds,
         refine_similarity=args.refine_similarity, inverse=args.inverse,
         foreground_box=not args.no_foreground_box)

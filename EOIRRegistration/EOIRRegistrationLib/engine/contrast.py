@@ -56,3 +56,15 @@ def decide(contrast: str, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[st
     if contrast != "auto":
         return contrast, r
     return ("different" if r < SAME_CONTRAST_MIN_CORRELATION else "same"), r
+
+
+def network_by_default(refine, contrast: str, agnostic: bool) -> bool:
+    """Whether the network runs when the options leave it to the engine: alone (no refinement),
+    and before the single-scale MIND-SSC refinement on one contrast or with a contrast-agnostic
+    model. Not before the one-contrast multi-scale optimisation: on the real brain pairs the
+    bundled network's start left the Dice where the optimisation alone takes it (+0.001) and
+    added 1.5-2 s to 5-7 (README, Benchmarks; the model card's ``real_pairs``)."""
+    if refine is None:
+        return True
+    similarity = refine.similarity or ("lncc" if contrast == "same" else "mind")
+    return similarity == "mind" and (contrast == "same" or agnostic)

@@ -22,7 +22,7 @@ DEFAULT_MODEL = "eoir-synth-ns8"
 DEVICES = ("auto", "cpu", "cuda")
 #: automatic (affine unless already aligned), none, centres of mass, rigid, affine
 INITIAL_ALIGNMENTS = ("auto", "none", "com", "rigid", "affine")
-#: "same": the network then LNCC refinement; "different": MIND-SSC refinement; "auto": decided
+#: "same": the multi-scale LNCC optimisation; "different": MIND-SSC refinement; "auto": decided
 CONTRASTS = ("auto", "same", "different")
 #: LNCC (one contrast) or MIND-SSC descriptors (two contrasts)
 REFINE_SIMILARITIES = ("lncc", "mind")
@@ -137,8 +137,10 @@ class RegistrationOptions:
     initial_transform: tuple[tuple[float, ...], ...] | None = None
     #: "auto" (decided from the images after the initial alignment), "same" or "different"
     contrast: str = "auto"
-    #: None follows the contrast; False: the refinement alone; True: the network whatever the
-    #: contrast
+    #: None: the engine's choice (``pipeline.network_by_default``: the network alone when the
+    #: refinement is off, before the MIND-SSC refinement where its start helps, not before the
+    #: one-contrast optimisation, which reaches the same Dice faster without it); False: never;
+    #: True: always, its field the optimisation's start
     network: bool | None = None
     #: the one-contrast (LNCC) multi-scale optimisation's schedule, down to the fixed image's
     #: own resolution (``PRESETS``)

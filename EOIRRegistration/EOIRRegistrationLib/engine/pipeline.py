@@ -333,7 +333,7 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
     moving_w = normalize(_to_working(moving_c, moving_grid, wgrid, affine), windows[1])
     contrast, correlation = contrast_test.decide(options.contrast, fixed_w, moving_w)
     if network is None:
-        network = contrast == "same" or refine is None or agnostic
+        network = contrast_test.network_by_default(refine, contrast, agnostic)
     if refine is not None:
         refine = refine.resolved(after_network=network, same_contrast=contrast == "same")
     multiscale = refine is not None and refine.similarity == "lncc"

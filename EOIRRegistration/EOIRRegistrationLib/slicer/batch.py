@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from EOIRRegistrationLib.core.errors import InputError
 from EOIRRegistrationLib.engine.options import RegistrationOptions, options_of
 
 #: the folder holding EOIRRegistrationLib: the child's import path
@@ -52,11 +51,8 @@ def batchArguments(options: RegistrationOptions, tempDir: str | os.PathLike) -> 
         path = str(Path(tempDir) / "initial_transform.tfm")
         sitk.WriteTransform(transform, path)
         args += ["--initial-transform", path]
-    if o.network is True:
-        raise InputError("eoir-batch has no flag to force the network (network=True); leave "
-                         "network at None (it follows the contrast) or False")
-    if o.network is False:
-        args.append("--no-network")
+    if o.network is not None:
+        args.append("--network" if o.network else "--no-network")
     if o.refine_iterations is not None:
         args += ["--refine", str(o.refine_iterations)]
     if o.refine_seconds is not None:

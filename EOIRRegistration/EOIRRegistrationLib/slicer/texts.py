@@ -2,7 +2,6 @@
 (no Qt); they describe behaviour, not measured seconds (figures live in benchmarks/results.json).
 """
 from EOIRRegistrationLib.engine.options import (
-    DEFAULT_REFINE_ITERATIONS,
     DEFAULT_REFINE_ITERATIONS_ALONE,
 )
 
@@ -51,28 +50,30 @@ CONTRAST_LABELS = {
 CONTRAST_TIPS = {
     "auto": "Decide from the volumes' intensity correlation after the initial alignment; the "
             "result line says which was used.",
-    "same": "One contrast (e.g. two T1 scans): the model's network, then LNCC refinement.",
+    "same": "One contrast (e.g. two T1 scans): the multi-scale LNCC optimisation.",
     "different": "Two contrasts (T1 and T2, MR and CT): the bundled models are single-contrast, "
                  "so the MIND-SSC refinement alone registers.",
 }
 
 
 HELP_TEXT = f"""
-<p>Fast learned deformable registration of a <b>moving</b> volume to a <b>fixed</b> volume with an
-encoder-only network (EOIR) run coarse to fine, followed by a short per-pair refinement.</p>
-<p><b>What the models expect:</b> roughly aligned volumes. The default <i>Initial alignment</i>,
-<i>Automatic</i>, computes an affine alignment first and uses it unless the volumes are already
-aligned; you can also choose centres of mass, rigid, affine or none, or pre-align them yourself
-(e.g. with General Registration (BRAINS) or Elastix); a linear parent transform of the moving
-volume is used as the starting point. Each bundled model states in its card the kind of images it
-was trained on, the working spacing (volumes are resampled to it internally; the result is always
-on the fixed volume's own grid) and how intensities are normalised. Use <i>Advanced</i> to override
-the spacing, give intensity windows (e.g. CT in HU) or tune the per-pair refinement that follows
-the network (<i>Refine iterations</i>: by default {DEFAULT_REFINE_ITERATIONS} after the network; 0
-= the network alone). The bundled models were trained on one contrast. <i>Contrasts</i> (Advanced)
-says whether the two volumes share one: <i>Automatic</i> (the default) decides from their intensity
-correlation after the initial alignment; for different contrasts (T1 and T2, MR and CT) the network
-is skipped and a MIND-SSC refinement alone registers ({DEFAULT_REFINE_ITERATIONS_ALONE} steps by
+<p>Fast deformable registration of a <b>moving</b> volume to a <b>fixed</b> volume: an initial
+alignment, then a multi-scale optimisation of the displacement field down to the fixed volume's own
+resolution (<i>Optimisation</i>: Fast, Default or Accurate). The bundled encoder-only network
+(EOIR) registers in one pass: <i>Refine iterations</i> 0 gives the network alone, the quickest
+preview. Before the optimisation it is not run: on real brains its start gained no accuracy and cost
+time (the README's benchmark).</p>
+<p><b>What to give it:</b> the default <i>Initial alignment</i>, <i>Automatic</i>, computes an
+affine alignment first and uses it unless the volumes are already aligned; you can also choose
+centres of mass, rigid, affine or none, or pre-align them yourself (e.g. with General Registration
+(BRAINS) or Elastix); a linear parent transform of the moving volume is used as the starting point.
+Each bundled model states in its card the kind of images it was trained on, the working spacing
+(the network's grid; the result is always on the fixed volume's own grid) and how intensities are
+normalised. Use <i>Advanced</i> to override the spacing, give intensity windows (e.g. CT in HU) or
+set the steps at the finest scale (<i>Refine iterations</i>; empty: the preset's).
+<i>Contrasts</i> (Advanced) says whether the two volumes share one: <i>Automatic</i> (the default)
+decides from their intensity correlation after the initial alignment; for different contrasts (T1
+and T2, MR and CT) a MIND-SSC refinement registers ({DEFAULT_REFINE_ITERATIONS_ALONE} steps by
 default). The status line after a run says which path ran. </p>
 <p><b>Outputs:</b> a grid (displacement-field) transform, by default a new one named after the
 volumes, with the moving volume placed under it so it shows aligned at once; it stores the
