@@ -41,10 +41,8 @@ SIZE = (24, 24, 24)                  # ITK order (x, y, z), identity direction: 
 SPACING = (2.0, 2.0, 2.5)            # mm
 SHIFT_VOXELS = (1.0, -0.5, 0.5)      # the moving blob's centre minus the fixed one's, (x, y, z)
 TOLERANCE_MM = 0.5                   # on the median displacement inside the blob (truth: 2.5 mm long)
-# Imported by the package, not installed by `pip install .`: the slicer subpackage runs in 3D Slicer,
-# and eoir-batch's Dask workers come with the `batch` extra (it says so when they are missing).
-NOT_DEPENDENCIES = {"slicer": "3D Slicer", "vtk": "3D Slicer", "PyTorchUtils": "Slicer's PyTorch extension",
-                    "dask": "the batch extra", "distributed": "the batch extra"}
+# Imported by the package, not installed by `pip install .`: the slicer subpackage runs in 3D Slicer.
+NOT_DEPENDENCIES = {"slicer": "3D Slicer", "vtk": "3D Slicer", "PyTorchUtils": "Slicer's PyTorch extension"}
 PACKAGE = "EOIRRegistrationLib"
 # The standard library, other platforms' modules included (cli/outputfolder.py imports msvcrt on
 # Windows); before Python 3.10, which lists it, those modules are named here.

@@ -12,15 +12,14 @@ import threading
 import time
 from pathlib import Path
 
+import distributed  # a dependency of the package: no skip
+import psutil  # comes with distributed
 import pytest
 from test_batch import FAST, summary, write_cohort
 
 from EOIRRegistrationLib.cli import batch, batch_pair
 from EOIRRegistrationLib.cli.batch_manifest import completed_report, read_manifest, resume_key
 from EOIRRegistrationLib.engine.options import RegistrationOptions
-
-distributed = pytest.importorskip("distributed", reason="the batch extra (dask[distributed])")
-psutil = pytest.importorskip("psutil", reason="installed with dask.distributed")
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
 OPTIONS = RegistrationOptions(initial_alignment="none", network=False, refine_iterations=1,

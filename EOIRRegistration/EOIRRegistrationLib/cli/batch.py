@@ -3,8 +3,8 @@
 
 Resumable (a pair whose outputs record the same options and inputs is reused), failures isolated
 (a refused input is a failed row; the others run; exit status 1 with a count), progress on
-stderr and in ``batch_progress.json``. The pairs run on Dask (``dask.distributed``, the ``batch``
-extra): ``--workers N`` local worker processes (``LocalCluster``), or ``--scheduler ADDRESS``, a
+stderr and in ``batch_progress.json``. The pairs run on Dask (``dask.distributed``, a dependency):
+``--workers N`` local worker processes (``LocalCluster``), or ``--scheduler ADDRESS``, a
 running scheduler (e.g. one from ``dask-jobqueue`` on SLURM/PBS/SGE; docs/batch.md). Dask does
 the scheduling, the retries of a task that raised (``--retries``) and the re-run of a pair whose
 worker died. One worker runs in this process, without Dask.
@@ -28,7 +28,10 @@ from EOIRRegistrationLib.core.errors import EOIRError, InputError
 #: torch threads per worker when neither --workers nor --threads is given: beyond about 4 a
 #: registration gains little from more threads, so more workers use the cores better
 DEFAULT_THREADS = 4
-EXTRA_HINT = "pip install 'eoir-registration[batch]' (dask[distributed])"
+#: dask is a dependency of the package; inside 3D Slicer (no pip install of the package) it may
+#: be missing from Slicer's Python
+DASK_HINT = ("install dask[distributed] into this Python (pip install 'dask[distributed]'; in "
+             "3D Slicer: slicer.util.pip_install('dask[distributed]'))")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,11 +87,11 @@ def plan_workers(workers: int | None, threads: int | None, pairs: int,
 
 
 def dask_distributed():
-    """The ``distributed`` module, or an error naming the extra that installs it."""
+    """The ``distributed`` module, or an error saying how to install it."""
     try:
         import distributed
     except ImportError as exc:
-        raise EOIRError(f"eoir-batch on Dask needs dask.distributed: {EXTRA_HINT}") from exc
+        raise EOIRError(f"eoir-batch on Dask needs dask.distributed: {DASK_HINT}") from exc
     return distributed
 
 
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
             workers, threads = plan_workers(args.workers, args.threads, max(1, len(todo)),
                                             usable_cores())
             if workers > 1 and args.workers is None and not has_dask():
-                print(f"eoir-batch: one worker (for {workers} in parallel: {EXTRA_HINT})",
+                print(f"eoir-batch: one worker (for {workers} in parallel: {DASK_HINT})",
                       file=sys.stderr)
                 workers, threads = plan_workers(1, args.threads, 1, usable_cores())
         if args.scheduler is not None or workers > 1:
