@@ -100,6 +100,9 @@ CHECK_MIN_AGREEMENT = 0.99
 # Child side: one method, one pair. Writes OUT/displacement.nii (total field, fixed grid, LPS
 # mm, fixed -> moving, float32 vectors), OUT/warped.nii.gz and OUT/child.json (seconds, peak).
 
+#: --refine-iterations value meaning "no --refine flag" (the preset's steps)
+ENGINE_DEFAULT = -1
+
 def _peak_kb() -> int:
     """This process's own peak resident set (VmHWM; ru_maxrss would count the parent's at fork)."""
     with open("/proc/self/status") as f:
@@ -125,10 +128,9 @@ def _child_ours(fixed, moving, out, threads, opts):
     import EOIRRegistrationLib.cli.outputs  # noqa: F401
     import EOIRRegistrationLib.engine.pipeline  # noqa: F401
     from EOIRRegistrationLib.cli import register as register_cli
-    from EOIRRegistrationLib.engine.options import DEFAULT_REFINE_ITERATIONS
     argv = [fixed, moving, "--output-dir", str(out), "--model", opts["model"],
             "--device", "cpu", "--threads", str(threads), "--no-png", "--quiet", "--overwrite"]
-    if opts["refine"] != DEFAULT_REFINE_ITERATIONS:  # the default: the engine's choice by contrast
+    if opts["refine"] != ENGINE_DEFAULT:  # the default: the preset's steps
         argv += ["--refine", str(opts["refine"])]
     if opts.get("check"):
         argv += ["--moving-labels", opts["moving_labels"]]
@@ -480,8 +482,7 @@ def plot(summary, path):
 
 def _refine_suffix(iterations: int) -> str:
     """Method-name suffix of our runs: none for the engine's default refinement."""
-    from EOIRRegistrationLib.engine.options import DEFAULT_REFINE_ITERATIONS
-    if iterations == DEFAULT_REFINE_ITERATIONS:
+    if iterations == ENGINE_DEFAULT:
         return ""
     return " (network only)" if iterations == 0 else f" refine{iterations}"
 
@@ -614,8 +615,7 @@ def main(argv=None) -> int:
         from EOIRRegistrationLib.engine.modelfile import list_bundled_models
         args.models = [m.name for m in list_bundled_models()]
     if args.refine_iterations is None:
-        from EOIRRegistrationLib.engine.options import DEFAULT_REFINE_ITERATIONS
-        args.refine_iterations = [DEFAULT_REFINE_ITERATIONS, 0]
+        args.refine_iterations = [ENGINE_DEFAULT, 0]
 
     import SimpleITK as sitk
     import torch

@@ -12,7 +12,7 @@ from helpers import oblique_image, write_tiny_model
 
 from EOIRRegistrationLib.cli import register as register_cli
 from EOIRRegistrationLib.core.errors import InputError, OutputError
-from EOIRRegistrationLib.engine import optimise, refine
+from EOIRRegistrationLib.engine import optimise
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
 
@@ -208,7 +208,7 @@ def test_no_network_runs_the_refinement_alone_and_needs_it(files, tmp_path, caps
     out = tmp_path / "out"
     assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
                 "--no-network", "--refine", "0", "--quiet", "--no-png"]) == 2
-    assert "refinement is the whole registration" in capsys.readouterr().err
+    assert "is the whole registration" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())  # nothing written
     assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
                 "--no-network", "--refine", "3", "--refine-similarity", "mind", "--quiet",
@@ -238,8 +238,9 @@ def test_inverted_contrast_is_detected_and_reported(tmp_path, capsys):
     assert report["contrast"]["requested"] == "auto" and report["contrast"]["used"] == "different"
     assert report["contrast"]["correlation"] < 0
     assert report["network"] is False and "registering" not in report["seconds"]
-    assert report["refinement"] == {"iterations": 2, "similarity": "mind",
-                                    "sample_fraction": refine.SAMPLE_FRACTION}
+    assert report["refinement"] == {"similarity": "mind", "preset": "default",
+                                    "scales_mm": list(optimise.MIND_PRESETS["default"].scales_mm),
+                                    "iterations": [*optimise.MIND_PRESETS["default"].iterations[:-1], 2]}
     printed = capsys.readouterr().out
     assert "different contrasts" in printed and "[auto]" in printed
     # the same pair with --contrast same: the LNCC optimisation, as asked (without the network,
@@ -253,7 +254,7 @@ def test_inverted_contrast_is_detected_and_reported(tmp_path, capsys):
     # different contrasts without refinement leave nothing to register with
     assert run([paths["fixed"], paths["moving"], "--output-dir", tmp_path / "none", "--model",
                 model, "--contrast", "different", "--refine", "0", "--quiet"]) == 2
-    assert "refinement is the whole registration" in capsys.readouterr().err
+    assert "is the whole registration" in capsys.readouterr().err
 
 
 def test_a_rerun_with_overwrite_leaves_no_stale_output(files, tmp_path):

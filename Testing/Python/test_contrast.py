@@ -7,11 +7,7 @@ from helpers import write_tiny_model
 
 from EOIRRegistrationLib.core.errors import InputError
 from EOIRRegistrationLib.engine import contrast, modelfile, optimise
-from EOIRRegistrationLib.engine.options import (
-    DEFAULT_REFINE_ITERATIONS,
-    DEFAULT_REFINE_ITERATIONS_ALONE,
-    RegistrationOptions,
-)
+from EOIRRegistrationLib.engine.options import RegistrationOptions
 from EOIRRegistrationLib.engine.pipeline import register
 from EOIRRegistrationLib.engine.refine import config_from_options
 from EOIRRegistrationLib.training.phantom import make_phantom_pair
@@ -72,34 +68,30 @@ def test_the_pipeline_follows_the_detected_contrast(phantom_pairs):
     assert other.contrast_correlation < 0
     assert other.refinement["similarity"] == "mind" and "registering" not in other.timings
     assert other.method.startswith("different contrasts (intensity correlation -")
-    assert "MIND-SSC refinement alone, 2 steps" in other.method
+    assert "MIND-SSC optimisation alone at 2/1 mm, 40/2 steps (default)" in other.method
 
 
-def test_default_steps_follow_the_path_and_explicit_choices_win(phantom_pairs, monkeypatch):
-    from EOIRRegistrationLib.engine import pipeline
-
+def test_default_schedules_follow_the_path_and_explicit_choices_win(phantom_pairs, monkeypatch):
     pair, inverted, model = phantom_pairs
-    seen, schedules = [], []
-    monkeypatch.setattr(pipeline, "refine_displacement",
-                        lambda f, m, u, cfg, **kw: seen.append(cfg) or u.clone())
+    schedules = []
     real_optimise = optimise.optimise
     monkeypatch.setattr(optimise, "optimise", lambda *a, **kw: schedules.append(a[3])
                         or real_optimise(*a, **kw))
     same = register(pair.fixed, pair.moving, loaded_model=model, initial_alignment="none")
-    register(pair.fixed, inverted, loaded_model=model, initial_alignment="none")
-    # one contrast: the default preset's multi-scale LNCC schedule; two: MIND-SSC steps alone
-    assert schedules == [optimise.PRESETS["default"]] and same.refinement["preset"] == "default"
-    assert [(c.iterations, c.similarity) for c in seen] == [
-        (DEFAULT_REFINE_ITERATIONS_ALONE, "mind")]
-    # the network forced on for the inverted pair: its default steps, MIND-SSC by contrast
-    r = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none", network=True)
+    other = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none")
+    # one contrast: the default preset's LNCC schedule; two: its MIND-SSC schedule
+    assert schedules == [optimise.PRESETS["default"], optimise.MIND_PRESETS["default"]]
+    assert same.refinement["preset"] == other.refinement["preset"] == "default"
+    # the network forced on for the inverted pair: its field starts the MIND-SSC schedule
+    r = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none", network=True,
+                 preset="fast", refine_iterations=1)
     assert r.network and r.contrast == "different"
-    assert (seen[-1].iterations, seen[-1].similarity) == (DEFAULT_REFINE_ITERATIONS, "mind")
+    assert schedules[-1] == optimise.schedule_of("fast", 1, "mind")
     # refinement off: "auto" cannot skip the network, whatever it finds
     r = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none",
                  refine_iterations=0)
     assert r.network and r.contrast == "different" and r.refinement is None
-    with pytest.raises(InputError, match="refinement is the whole registration"):
+    with pytest.raises(InputError, match="the optimisation is the whole registration"):
         register(pair.fixed, pair.moving, loaded_model=model, contrast="different",
                  refine_iterations=0)
     with pytest.raises(InputError, match="unknown contrast"):
@@ -108,7 +100,7 @@ def test_default_steps_follow_the_path_and_explicit_choices_win(phantom_pairs, m
 
 def test_a_contrast_agnostic_model_keeps_the_network_on_two_contrasts(phantom_pairs, tmp_path):
     """A model whose encoder sees MIND-SSC descriptors registers two contrasts itself: "auto"
-    keeps it on the inverted pair, followed by its default MIND-SSC steps; --refine 0 is then
+    keeps it on the inverted pair, its field the MIND-SSC optimisation's start; --refine 0 is then
     the network alone, not an error."""
     from EOIRRegistrationLib.models import build_model
 
@@ -124,7 +116,7 @@ def test_a_contrast_agnostic_model_keeps_the_network_on_two_contrasts(phantom_pa
                  refine_iterations=2)
     assert r.contrast == "different" and r.network and "registering" in r.timings
     assert r.refinement["similarity"] == "mind"
-    assert "network + MIND-SSC refinement, 2 steps" in r.method
+    assert "network + MIND-SSC optimisation at 2/1 mm, 40/2 steps" in r.method
     only = register(pair.fixed, inverted, loaded_model=model, initial_alignment="none",
                     refine_iterations=0, contrast="different")
     assert only.network and only.refinement is None
@@ -132,13 +124,12 @@ def test_a_contrast_agnostic_model_keeps_the_network_on_two_contrasts(phantom_pa
 
 
 @pytest.mark.parametrize("similarity, iterations, contrast_used, agnostic, expected", [
-    (None, 0, "same", False, True),          # no refinement: the network is the registration
+    (None, 0, "same", False, True),          # no optimisation: the network is the registration
     (None, None, "same", False, False),      # one contrast: the multi-scale optimisation alone
     (None, None, "same", True, False),
-    ("mind", None, "same", False, True),     # the single-scale MIND-SSC refinement: its start
+    ("mind", None, "same", False, False),
     (None, None, "different", False, False),  # a one-contrast network misleads on two
     (None, None, "different", True, True),   # a contrast-agnostic one does not
-    ("lncc", None, "different", True, False),
 ])
 def test_where_the_network_runs_by_default(similarity, iterations, contrast_used, agnostic,
                                             expected):

@@ -94,18 +94,16 @@ def test_every_front_end_uses_the_engines_default_refinement(tmp_path, monkeypat
 
     from EOIRRegistrationLib.cli import register as register_cli
     from EOIRRegistrationLib.core.errors import InputError
-    from EOIRRegistrationLib.engine import options as options_module
     from EOIRRegistrationLib.engine import pipeline, refine
     from EOIRRegistrationLib.engine.options import RegistrationOptions
     from EOIRRegistrationLib.slicer import logic as slicer_logic
     from EOIRRegistrationLib.slicer import worker as slicer_worker
 
     help_text = " ".join(register_cli.parser().format_help().split())
-    assert (f"MIND-SSC steps (default {options_module.DEFAULT_REFINE_ITERATIONS_ALONE} without "
-            f"the network, {options_module.DEFAULT_REFINE_ITERATIONS} after it)" in help_text)
+    assert "optimisation steps at the finest scale of --preset (default: the preset's)" in help_text
     assert "--preset {fast,default,accurate}" in help_text
     # every front end leaves the steps and the similarity to the engine, which picks them by
-    # contrast: the preset's multi-scale LNCC schedule for one, 40 MIND-SSC steps for two
+    # contrast: the preset's multi-scale schedule on LNCC for one contrast, MIND-SSC for two
     args = register_cli.parser().parse_args(["f", "m", "--output-dir", "o"])
     assert args.refine is None and args.refine_similarity is None
     assert register_cli.options_from_args(args) == RegistrationOptions()
@@ -140,11 +138,7 @@ def test_every_front_end_uses_the_engines_default_refinement(tmp_path, monkeypat
         refine_iterations=0, refine_seconds=5.0, refine_similarity="mind")) is None
     assert refine.config_from_options(seen[2]) == RefineConfig(
         iterations=7, time_budget_s=2.5, similarity="mind")
-    assert RefineConfig().resolved(after_network=True, same_contrast=True) == RefineConfig(
-        iterations=options_module.DEFAULT_REFINE_ITERATIONS, similarity="lncc",
-        sample_fraction=1.0)
-    assert RefineConfig().resolved(after_network=False, same_contrast=False) == RefineConfig(
-        iterations=options_module.DEFAULT_REFINE_ITERATIONS_ALONE, similarity="mind",
-        sample_fraction=refine.SAMPLE_FRACTION)
-    assert RefineConfig(iterations=3, similarity="lncc").resolved(False, False) == RefineConfig(
-        iterations=3, similarity="lncc", sample_fraction=1.0)  # explicit choices stay
+    assert RefineConfig().resolved(same_contrast=True) == RefineConfig(similarity="lncc")
+    assert RefineConfig().resolved(same_contrast=False) == RefineConfig(similarity="mind")
+    assert RefineConfig(iterations=3, similarity="lncc").resolved(False) == RefineConfig(
+        iterations=3, similarity="lncc")  # explicit choices stay

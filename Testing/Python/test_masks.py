@@ -39,7 +39,8 @@ def _image(array, like):
                                            ("moving", "different")])
 def test_a_lesion_in_one_image_no_longer_drags_the_field_when_masked(textured_phantom, side,
                                                                      contrast):
-    """auto: the network and the LNCC optimisation; different: the MIND-SSC refinement."""
+    """auto: the LNCC optimisation; different: the MIND-SSC one (its masks eroded by the
+    descriptors' reach)."""
     like, textured, r2 = textured_phantom
     lesioned = textured.copy()
     lesioned[r2 < LESION_MM ** 2] = 1.5 * textured.max()  # a bright blob in one image only

@@ -911,7 +911,7 @@ def test_alignment_and_refinement_options_reach_the_engine(scene, volumes, fake_
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(network=False, refine_iterations=0), "refinement is the whole registration"),
+    (dict(network=False, refine_iterations=0), "is the whole registration"),
     (dict(initial_alignment="similarity"), "unknown initial alignment"),
     (dict(contrast="T2"), "unknown contrast"),
     (dict(refine_iterations="many"), "must be a number"),

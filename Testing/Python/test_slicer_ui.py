@@ -546,13 +546,15 @@ def test_results_say_which_contrast_path_ran(module_with_stub_application):
     result = registration_result(
         image, image, displacement, model_name="eoir", device="cpu", contrast="different",
         contrast_correlation=-0.24, network=False,
-        refinement={"iterations": 40, "similarity": "mind", "sample_fraction": 0.25})
-    method = "different contrasts (intensity correlation -0.24): MIND-SSC refinement alone, 40 steps"
+        refinement={"similarity": "mind", "preset": "default", "scales_mm": [2.0, 1.0],
+                    "iterations": [40, 2]})
+    method = ("different contrasts (intensity correlation -0.24): MIND-SSC optimisation alone at "
+              "2/1 mm, 40/2 steps (default)")
     assert result.method == method
     widget._showResults(RegistrationOutputs(transformNode=node, result=result), 12.0)
     assert widget.ui.statusLabel.text.endswith(
         "shown through it. Different contrasts (intensity correlation -0.24): MIND-SSC "
-        "refinement alone, 40 steps.")
+        "optimisation alone at 2/1 mm, 40/2 steps (default).")
     # the QA figures and the run come from the result
     assert widget.ui.foldingValueLabel.text == "0.0000 % of voxels"
     assert widget.ui.sdlogjValueLabel.text == "0.0000"
@@ -560,13 +562,15 @@ def test_results_say_which_contrast_path_ran(module_with_stub_application):
     assert widget.ui.runValueLabel.text == "eoir on cpu, 12.0 s"
     # the other path, without a correlation figure
     result.contrast, result.contrast_correlation, result.network = "same", math.nan, True
-    result.refinement = {"iterations": 10, "similarity": "lncc", "sample_fraction": 1.0}
+    result.refinement = {"similarity": "lncc", "preset": "fast", "scales_mm": [4.0, 2.0, 1.0],
+                         "iterations": [10, 5, 2]}
     widget._showResults(RegistrationOutputs(transformNode=node, result=result), 12.0)
     assert widget.ui.statusLabel.text.endswith(
-        "shown through it. Same contrast: network + LNCC refinement, 10 steps.")
+        "shown through it. Same contrast: network + LNCC optimisation at 4/2/1 mm, 10/5/2 steps "
+        "(fast).")
     # the engine's warnings (a partial overlap of the inputs) follow the method
     result.warnings = ["only 38 % of the fixed image's field of view lies inside the moving image"]
     widget._showResults(RegistrationOutputs(transformNode=node, result=result), 12.0)
     assert widget.ui.statusLabel.text.endswith(
-        "10 steps. WARNING: only 38 % of the fixed image's field of view lies inside the moving "
+        "(fast). WARNING: only 38 % of the fixed image's field of view lies inside the moving "
         "image.")

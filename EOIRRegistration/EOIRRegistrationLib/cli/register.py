@@ -13,8 +13,6 @@ from EOIRRegistrationLib.core.errors import EOIRError, InputError
 from EOIRRegistrationLib.engine.allocator import keep_freed_memory
 from EOIRRegistrationLib.engine.options import (
     CONTRASTS,
-    DEFAULT_REFINE_ITERATIONS,
-    DEFAULT_REFINE_ITERATIONS_ALONE,
     DEVICES,
     INITIAL_ALIGNMENTS,
     PRESETS,
@@ -81,28 +79,26 @@ def add_registration_options(p: argparse.ArgumentParser) -> None:
                         "moving points, used as the starting point (overrides --init)")
     p.add_argument("--contrast", choices=CONTRASTS, default=DEFAULTS.contrast,
                    help="same: one contrast (the multi-scale LNCC optimisation); different: two "
-                        "contrasts, e.g. T1 and T2 (the MIND-SSC refinement alone: the bundled "
-                        "models are single-contrast; a model on MIND-SSC inputs keeps its "
+                        "contrasts, e.g. T1 and T2 (the multi-scale MIND-SSC optimisation: the "
+                        "bundled models are single-contrast; a model on MIND-SSC inputs keeps its "
                         "network); auto (default): decided from the images' correlation after "
                         "the initial alignment (written to report.json)")
     network = p.add_mutually_exclusive_group()
     network.add_argument("--network", action="store_true",
                          help="run the network first whatever the contrast, its field the "
-                              "optimisation's start (by default it runs only with --refine 0 "
-                              "and before the MIND-SSC refinement: before the one-contrast "
+                              "optimisation's start (by default it runs only with --refine 0, "
+                              "or for two contrasts with a contrast-agnostic model: before the "
                               "optimisation it cost time and gained no accuracy on real brains)")
     network.add_argument("--no-network", action="store_true",
-                         help="never run the network: the refinement alone, from the initial "
-                              "alignment (needs refinement)")
+                         help="never run the network: the optimisation alone, from the initial "
+                              "alignment (needs the optimisation: not with --refine 0)")
     p.add_argument("--preset", choices=PRESETS, default=DEFAULTS.preset,
-                   help="schedule of the one-contrast optimisation, coarse "
+                   help="schedule of the optimisation (LNCC or MIND-SSC), coarse "
                         "to fine down to the fixed image's own resolution: fast, default or "
                         "accurate (README, Benchmarks: what each gains and costs)")
     p.add_argument("--refine", type=int, default=DEFAULTS.refine_iterations, metavar="N",
-                   help="optimisation steps: one contrast, at the finest scale of --preset "
-                        "(default: the preset's); two contrasts, MIND-SSC steps (default "
-                        f"{DEFAULT_REFINE_ITERATIONS_ALONE} without the network, "
-                        f"{DEFAULT_REFINE_ITERATIONS} after it); 0 = off (the network alone)")
+                   help="optimisation steps at the finest scale of --preset (default: the "
+                        "preset's); 0 = off (the network alone)")
     p.add_argument("--refine-seconds", type=float, default=DEFAULTS.refine_seconds,
                    help="time budget for the refinement (stops early when exceeded)")
     p.add_argument("--refine-similarity", choices=REFINE_SIMILARITIES,

@@ -59,12 +59,10 @@ def decide(contrast: str, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[st
 
 
 def network_by_default(refine, contrast: str, agnostic: bool) -> bool:
-    """Whether the network runs when the options leave it to the engine: alone (no refinement),
-    and before the single-scale MIND-SSC refinement on one contrast or with a contrast-agnostic
-    model. Not before the one-contrast multi-scale optimisation: on the real brain pairs the
-    bundled network's start left the Dice where the optimisation alone takes it (+0.001) and
-    added 1.5-2 s to 5-7 (README, Benchmarks; the model card's ``real_pairs``)."""
-    if refine is None:
-        return True
-    similarity = refine.similarity or ("lncc" if contrast == "same" else "mind")
-    return similarity == "mind" and (contrast == "same" or agnostic)
+    """Whether the network runs when the options leave it to the engine: alone (the optimisation
+    off), and for two contrasts with a contrast-agnostic model. Not before the multi-scale
+    optimisation otherwise: on the real brain pairs the bundled network's start left the Dice
+    where the optimisation alone takes it (+0.001) and added 1.5-2 s to 5-7 (README,
+    Benchmarks; the model card's ``as_optimisation_start``); a single-contrast network misleads
+    on two contrasts."""
+    return refine is None or (agnostic and contrast == "different")

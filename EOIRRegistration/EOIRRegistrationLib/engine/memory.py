@@ -27,7 +27,9 @@ FIXED_VOXEL_BYTES = 56
 #: per voxel of the working grid: the network's feature maps
 WORKING_VOXEL_BYTES = 400
 #: per voxel of the optimisation's finest level: the field, Adam's moments, LNCC's statistics
-LEVEL_VOXEL_BYTES = 320
+#: or, for two contrasts, MIND-SSC's 12 descriptor channels of each image and of the warped one
+#: (3.0 GB peak measured on a 151x157x200 T2-like brain pair: ~390 bytes a voxel beyond the rest)
+LEVEL_VOXEL_BYTES = 480
 #: the interpreter, torch and the model
 BASE_BYTES = 1 << 30
 

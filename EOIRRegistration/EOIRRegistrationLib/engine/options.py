@@ -22,17 +22,13 @@ DEFAULT_MODEL = "eoir-synth-ns8"
 DEVICES = ("auto", "cpu", "cuda")
 #: automatic (affine unless already aligned), none, centres of mass, rigid, affine
 INITIAL_ALIGNMENTS = ("auto", "none", "com", "rigid", "affine")
-#: "same": the multi-scale LNCC optimisation; "different": MIND-SSC refinement; "auto": decided
+#: "same": the multi-scale LNCC optimisation; "different": the same on MIND-SSC; "auto": decided
 CONTRASTS = ("auto", "same", "different")
 #: LNCC (one contrast) or MIND-SSC descriptors (two contrasts)
 REFINE_SIMILARITIES = ("lncc", "mind")
-#: schedules of the one-contrast multi-scale optimisation (their scales and steps:
-#: ``engine/optimise.py``; their measured accuracy and time: README, Benchmarks)
+#: schedules of the multi-scale optimisation (their scales and steps: ``engine/optimise.py``;
+#: their measured accuracy and time: README, Benchmarks)
 PRESETS = ("fast", "default", "accurate")
-#: refinement steps when ``refine_iterations`` is None: after the network, and without it
-#: (see ``engine/refine.py`` for the measurements behind them)
-DEFAULT_REFINE_ITERATIONS = 10
-DEFAULT_REFINE_ITERATIONS_ALONE = 40
 MAX_REFINE_ITERATIONS = 1000
 MAX_THREADS = 1024
 
@@ -137,18 +133,16 @@ class RegistrationOptions:
     initial_transform: tuple[tuple[float, ...], ...] | None = None
     #: "auto" (decided from the images after the initial alignment), "same" or "different"
     contrast: str = "auto"
-    #: None: the engine's choice (``pipeline.network_by_default``: the network alone when the
-    #: refinement is off, before the MIND-SSC refinement where its start helps, not before the
-    #: one-contrast optimisation, which reaches the same Dice faster without it); False: never;
+    #: None: the engine's choice (``contrast.network_by_default``: the network alone when the
+    #: optimisation is off, or first for two contrasts with a contrast-agnostic model; not
+    #: otherwise: the optimisation reaches the same Dice faster without it); False: never;
     #: True: always, its field the optimisation's start
     network: bool | None = None
-    #: the one-contrast (LNCC) multi-scale optimisation's schedule, down to the fixed image's
-    #: own resolution (``PRESETS``)
+    #: the multi-scale optimisation's schedule, down to the fixed image's own resolution
+    #: (``PRESETS``)
     preset: str = "default"
-    #: per-pair optimisation steps; 0: off (the network alone). For one contrast (LNCC) the
-    #: steps at the finest scale of the preset's schedule; for two (MIND-SSC) the steps of its
-    #: refinement. None: the preset's; for MIND-SSC DEFAULT_REFINE_ITERATIONS after the network,
-    #: DEFAULT_REFINE_ITERATIONS_ALONE without it
+    #: the optimisation's steps at the finest scale of the preset's schedule (LNCC or MIND-SSC);
+    #: None: the preset's; 0: off (the network alone)
     refine_iterations: int | None = None
     #: time budget of the refinement in seconds; None: no limit
     refine_seconds: float | None = None
@@ -197,8 +191,8 @@ class RegistrationOptions:
                                  f"seconds (None: no limit), got {self.refine_seconds!r}")
             checked["refine_seconds"] = seconds
         if checked["refine_iterations"] == 0 and self.network is False:
-            raise InputError("without the network the refinement is the whole registration: give "
-                             f"it iterations (e.g. {DEFAULT_REFINE_ITERATIONS_ALONE})")
+            raise InputError("without the network the optimisation is the whole registration: "
+                             "give it steps (None: the preset's)")
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 

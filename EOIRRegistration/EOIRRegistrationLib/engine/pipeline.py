@@ -7,9 +7,9 @@ Geometry at each step (see ``geometry.py`` for the conventions):
    size multiple (16 for 5 levels). The moving image is read through physical space, so it may
    have any size, spacing, origin and direction.
 2. Intensities are normalised to [0, 1] as the card says (or by a given window). The contrast
-   test (``contrast.py``) runs here, on the working grid: for two contrasts the network of a
-   one-contrast model is skipped and the refinement (MIND-SSC) registers from the initial
-   alignment (a contrast-agnostic model keeps its network, followed by MIND-SSC refinement).
+   test (``contrast.py``) runs here, on the working grid: it chooses the optimisation's
+   similarity (LNCC for one contrast, MIND-SSC descriptors for two) and whether the network runs
+   (``contrast.network_by_default``: alone when the optimisation is off).
 3. The network returns a voxel displacement on the working grid (array order). It becomes LPS mm
    on the working grid (``d = direction @ diag(spacing) @ reversed(u)``), then is interpolated
    (linear, border values) onto the fixed image's own grid.
@@ -43,11 +43,10 @@ from EOIRRegistrationLib.engine.checks import check_image
 from EOIRRegistrationLib.engine.devices import COARSER_SPACING, is_out_of_memory, resolve_device
 from EOIRRegistrationLib.engine.modelfile import LoadedModel, resolve_model
 from EOIRRegistrationLib.engine.options import (
-    DEFAULT_REFINE_ITERATIONS_ALONE,
     RegistrationOptions,
     options_of,
 )
-from EOIRRegistrationLib.engine.refine import config_from_options, refine_displacement
+from EOIRRegistrationLib.engine.refine import config_from_options
 from EOIRRegistrationLib.engine.result import RegistrationResult
 
 ProgressCallback = Callable[[str, float], None]
@@ -159,16 +158,6 @@ def run_network(loaded: LoadedModel, fixed: torch.Tensor, moving: torch.Tensor,
             model = model.to(memory_format=torch.channels_last_3d)
         u = model(fixed.to(device), moving.to(device))
     return u.float().cpu()
-
-
-def _refine_on(fixed_w, moving_w, u, refine, on_step, cancel, weights, device) -> torch.Tensor:
-    """The refinement on ``device`` (the network's); the result comes back to the CPU.
-    weights: (fixed mask, moving mask) on the working grid, each None when not given."""
-    fixed_mask, moving_mask = (None if w is None else w.to(device) for w in weights)
-    with torch.enable_grad():
-        return refine_displacement(fixed_w.to(device), moving_w.to(device), u.to(device), refine,
-                                   progress=on_step, cancel=cancel, fixed_mask=fixed_mask,
-                                   moving_mask=moving_mask).cpu()
 
 
 def _labels_through(labels: sitk.Image, target: geometry.Grid, disp: torch.Tensor) -> sitk.Image:
@@ -290,9 +279,9 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
     loaded = loaded or resolve_model(options.model)
     agnostic = loaded.model.contrast_agnostic
     if refine is None and network is None and options.contrast == "different" and not agnostic:
-        raise InputError("without the network the refinement is the whole registration: give it "
-                         f"iterations (e.g. {DEFAULT_REFINE_ITERATIONS_ALONE}); or use a "
-                         "contrast-agnostic model")
+        raise InputError("for two contrasts the optimisation is the whole registration (the "
+                         "network is single-contrast): give it steps (leave --refine out for the "
+                         "preset's); or use a contrast-agnostic model")
     spacing = options.working_spacing or loaded.working_spacing
     memory.check_grids(fixed, moving, spacing, loaded.model.size_multiple, options.preset,
                        options.inverse or fixed_labels is not None)
@@ -335,8 +324,7 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
     if network is None:
         network = contrast_test.network_by_default(refine, contrast, agnostic)
     if refine is not None:
-        refine = refine.resolved(after_network=network, same_contrast=contrast == "same")
-    multiscale = refine is not None and refine.similarity == "lncc"
+        refine = refine.resolved(same_contrast=contrast == "same")
 
     shape = fixed_w.shape[2:]
     requested = options.device
@@ -353,32 +341,24 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
         stages.start("refining")
         span = (STAGES.index("refining") / len(STAGES), 1 / len(STAGES))
         on_step = (lambda f: progress("refining", span[0] + f * span[1])) if progress else None
-        if multiscale:
-            schedule = optimise.schedule_of(options.preset, options.refine_iterations)
-            start = (_working_mm(u, wgrid), wgrid) if network else None
-            level_images = _level_images(region_t, region, moving_c, moving_grid, affine, windows)
-            disp, dev = _with_cpu_fallback(
-                lambda d: optimise.optimise(*level_images, region, schedule, start=start,
-                                            progress=on_step, cancel=cancel,
-                                            time_budget_s=refine.time_budget_s,
-                                            timings=stages.timings, device=d,
-                                            masks=masks.level_masks(*given_masks, affine)),
-                dev, requested, stages, "refining", region.shape)
-            refinement = {"similarity": "lncc", "preset": options.preset,
-                          "scales_mm": list(schedule.scales_mm),
-                          "iterations": list(schedule.iterations)}
-            finest = optimise.level_grid(region, schedule.scales_mm[-1])
-            if finest != optimise.level_grid(region, schedule.scales_mm[-1], max_voxels=2 ** 62):
-                # made coarser by optimise.MAX_LEVEL_VOXELS
-                refinement["finest_grid_mm"] = [round(float(v), 3) for v in finest.spacing]
-        else:
-            weights = masks.level_masks(*given_masks, affine)
-            u, dev = _with_cpu_fallback(
-                partial(_refine_on, fixed_w, moving_w, u, refine, on_step, cancel,
-                        (None, None) if weights is None else weights(wgrid)), dev,
-                requested, stages, "refining", shape)
-            refinement = {"similarity": refine.similarity, "iterations": refine.iterations,
-                          "sample_fraction": refine.sample_fraction}
+        schedule = optimise.schedule_of(options.preset, options.refine_iterations,
+                                        refine.similarity)
+        start = (_working_mm(u, wgrid), wgrid) if network else None
+        level_images = _level_images(region_t, region, moving_c, moving_grid, affine, windows)
+        disp, dev = _with_cpu_fallback(
+            lambda d: optimise.optimise(*level_images, region, schedule, start=start,
+                                        progress=on_step, cancel=cancel,
+                                        time_budget_s=refine.time_budget_s,
+                                        timings=stages.timings, device=d,
+                                        masks=masks.level_masks(*given_masks, affine)),
+            dev, requested, stages, "refining", region.shape)
+        refinement = {"similarity": refine.similarity, "preset": options.preset,
+                      "scales_mm": list(schedule.scales_mm),
+                      "iterations": list(schedule.iterations)}
+        finest = optimise.level_grid(region, schedule.scales_mm[-1])
+        if finest != optimise.level_grid(region, schedule.scales_mm[-1], max_voxels=2 ** 62):
+            # made coarser by optimise.MAX_LEVEL_VOXELS
+            refinement["finest_grid_mm"] = [round(float(v), 3) for v in finest.spacing]
         if _cancelled(cancel):
             raise RegistrationCancelled("registration cancelled while refining")
     del fixed_w, moving_w, fixed_t, region_t, moving_c

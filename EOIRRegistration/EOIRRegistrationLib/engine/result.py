@@ -51,9 +51,9 @@ class RegistrationResult:
     network: bool = True            # whether the network ran
     contrast: str = "same"          # "same" or "different" ("auto" resolved)
     contrast_correlation: float = math.nan  # the figure "auto" decides on (engine/contrast.py)
-    #: the optimisation that ran, None when off: one contrast {similarity "lncc", preset,
+    #: the optimisation that ran, None when off: {similarity "lncc" or "mind", preset,
     #: scales_mm, iterations (per scale), finest_grid_mm when the finest level was made coarser
-    #: by its size limit}; two {similarity "mind", iterations, sample_fraction}
+    #: by its size limit}
     refinement: dict | None = None
     timings: dict = field(default_factory=dict)  # stage -> seconds
     #: what the user must know about this result (a partial overlap of the inputs, a doubtful
@@ -73,22 +73,19 @@ class RegistrationResult:
     @property
     def method(self) -> str:
         """One line: which contrast path ran and why, e.g. "different contrasts (intensity
-        correlation -0.24): MIND-SSC refinement alone, 40 steps"."""
+        correlation -0.24): MIND-SSC optimisation alone at 2/1 mm, 40/2 steps (default)"."""
         r = self.contrast_correlation
         why = "" if r is None or math.isnan(r) else f" (intensity correlation {r:.2f})"
         head = "same contrast" if self.contrast == "same" else "different contrasts"
         if self.refinement is None:
             return f"{head}{why}: network alone, no refinement"
         r = self.refinement
-        if "scales_mm" in r:
-            steps = (f"LNCC optimisation{'' if self.network else ' alone'} at "
-                     f"{'/'.join(f'{s:g}' for s in r['scales_mm'])} mm, "
-                     f"{'/'.join(map(str, r['iterations']))} steps ({r['preset']})")
-            if r.get("finest_grid_mm"):  # made coarser by optimise.MAX_LEVEL_VOXELS
-                steps += f", the finest level at {min(r['finest_grid_mm']):.2g} mm (its size limit)"
-        else:
-            steps = (f"{'MIND-SSC' if r['similarity'] == 'mind' else 'LNCC'} refinement"
-                     f"{'' if self.network else ' alone'}, {r['iterations']} steps")
+        similarity = "MIND-SSC" if r["similarity"] == "mind" else "LNCC"
+        steps = (f"{similarity} optimisation{'' if self.network else ' alone'} at "
+                 f"{'/'.join(f'{s:g}' for s in r['scales_mm'])} mm, "
+                 f"{'/'.join(map(str, r['iterations']))} steps ({r['preset']})")
+        if r.get("finest_grid_mm"):  # made coarser by optimise.MAX_LEVEL_VOXELS
+            steps += f", the finest level at {min(r['finest_grid_mm']):.2g} mm (its size limit)"
         return f"{head}{why}: {'network + ' if self.network else ''}{steps}"
 
     def summary(self) -> str:

@@ -1,9 +1,6 @@
 """The panel's words: the module's help, the labels and tooltips of its choices. Plain strings
 (no Qt); they describe behaviour, not measured seconds (figures live in benchmarks/results.json).
 """
-from EOIRRegistrationLib.engine.options import (
-    DEFAULT_REFINE_ITERATIONS_ALONE,
-)
 
 DEVICE_LABELS = {"auto": "Auto (GPU if available)", "cpu": "CPU", "cuda": "GPU (CUDA)"}
 #: initial alignment choices (the engine's method names) and their labels in the panel
@@ -52,11 +49,11 @@ CONTRAST_TIPS = {
             "result line says which was used.",
     "same": "One contrast (e.g. two T1 scans): the multi-scale LNCC optimisation.",
     "different": "Two contrasts (T1 and T2, MR and CT): the bundled models are single-contrast, "
-                 "so the MIND-SSC refinement alone registers.",
+                 "so the multi-scale optimisation compares MIND-SSC descriptors.",
 }
 
 
-HELP_TEXT = f"""
+HELP_TEXT = """
 <p>Fast deformable registration of a <b>moving</b> volume to a <b>fixed</b> volume: an initial
 alignment, then a multi-scale optimisation of the displacement field down to the fixed volume's own
 resolution (<i>Optimisation</i>: Fast, Default or Accurate). The bundled encoder-only network
@@ -73,8 +70,8 @@ normalised. Use <i>Advanced</i> to override the spacing, give intensity windows 
 set the steps at the finest scale (<i>Refine iterations</i>; empty: the preset's).
 <i>Contrasts</i> (Advanced) says whether the two volumes share one: <i>Automatic</i> (the default)
 decides from their intensity correlation after the initial alignment; for different contrasts (T1
-and T2, MR and CT) a MIND-SSC refinement registers ({DEFAULT_REFINE_ITERATIONS_ALONE} steps by
-default). The status line after a run says which path ran. </p>
+and T2, MR and CT) the optimisation compares MIND-SSC descriptors instead of intensities. The
+status line after a run says which path ran.</p>
 <p><b>Outputs:</b> a grid (displacement-field) transform, by default a new one named after the
 volumes, with the moving volume placed under it so it shows aligned at once; it stores the
 resampling direction (TransformFromParent) and carries the fixed and moving volumes as references.
