@@ -72,6 +72,7 @@ Peers need a separate environment (requirements-bench.txt lists the versions mea
         [--data /work/shared/data] [--threads 2] [--methods ours demons ants greedy fireants elastix]
         [--ours-args 'NAME=ARGS' ...] [--ours-variants NAME ...] [--pairs 'subj1<-subj2' ...]
         [--perturbed] [--results rows.json] [--plot dice_vs_seconds.png] [--save-results]
+        [--section real_pairs|real_pairs_perturbed]
         [--downsample F] [--work-dir DIR] [--mni-skull]
 
 --results FILE keeps per-pair rows across runs: existing rows are loaded, the requested methods
@@ -602,8 +603,9 @@ def result_rows(summary, ours_args: dict) -> list[dict]:
     return rows
 
 
-def save_results(summary, current, ours_args, argv, path=None) -> None:
-    """The mean table into benchmarks/results.json (section ``real_pairs``)."""
+def save_results(summary, current, ours_args, argv, path=None, section="real_pairs") -> None:
+    """The mean table into benchmarks/results.json (``section``: ``real_pairs``, or e.g.
+    ``real_pairs_perturbed`` for a run on the perturbed pairs alone)."""
     import results
 
     dates = sorted({r["date"][:10] for r in current if r.get("date")})
@@ -616,9 +618,9 @@ def save_results(summary, current, ours_args, argv, path=None) -> None:
                        f"{'/'.join(map(str, threads))} threads per run, mean over "
                        f"{max((r['pairs'] for r in summary), default=0)} pairs"}
     kwargs = {} if path is None else {"path": path}
-    results.record("real_pairs", result_rows(summary, ours_args), meta, **kwargs)
-    print(f"saved section real_pairs to {path or results.RESULTS} (the README needs a "
-          "<!-- results:real_pairs --> block; python benchmarks/results.py --write-readme)")
+    results.record(section, result_rows(summary, ours_args), meta, **kwargs)
+    print(f"saved section {section} to {path or results.RESULTS} (the README needs a "
+          f"<!-- results:{section} --> block; python benchmarks/results.py --write-readme)")
 
 
 def _ours_arg(text: str) -> tuple[str, str]:
@@ -651,6 +653,9 @@ def parser() -> argparse.ArgumentParser:
                          f"({PERTURB_DEGREES:g} degrees, {PERTURB_SHIFT_MM:g} mm, "
                          f"{100 * PERTURB_SCALE:g} %% scale, fixed seeds)")
     ap.add_argument("--results", help="JSON file of per-pair rows: loaded, updated, saved")
+    ap.add_argument("--section", default="real_pairs",
+                    help="results.json section --save-results writes (e.g. real_pairs_perturbed "
+                         "for a run on the perturbed pairs alone)")
     ap.add_argument("--plot", help="PNG: mean Dice vs mean seconds per method (log x)")
     ap.add_argument("--save-results", action="store_true",
                     help="write the mean table into benchmarks/results.json (section real_pairs)")
@@ -785,7 +790,8 @@ def main(argv=None) -> int:
             if left:
                 print(f"not saved (rows for only some pairs): {', '.join(left)}")
             save_results(complete, [r for r in current if r["method"] in
-                                    {s["method"] for s in complete}], ours_args, argv)
+                                    {s["method"] for s in complete}], ours_args, argv,
+                         section=args.section)
         return 0
     finally:
         if temp:
