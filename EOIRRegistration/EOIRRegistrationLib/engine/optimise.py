@@ -182,22 +182,28 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     return x
 
 
+def _interior_differences(x: torch.Tensor):
+    """For each array axis of ``x (B, C, *S)`` with 3 or more voxels: ``(axis, x(p + 1) - x(p - 1))``
+    at its interior voxels p (1 .. n - 2 along that axis). The optimisation's central differences
+    (image gradients, the field's Jacobian in the composition) all come from here."""
+    for axis in range(3):
+        n = x.shape[axis + 2]
+        if n >= 3:
+            yield axis, x.narrow(axis + 2, 2, n - 2) - x.narrow(axis + 2, 0, n - 2)
+
+
+def _interior(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """The interior voxels of ``x`` along ``axis`` (a view)."""
+    return x.narrow(axis + 2, 1, x.shape[axis + 2] - 2)
+
+
 def _gradient(image: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
     """Central differences of ``(1, 1, *S)`` -> ``(1, 3, *S)`` (zero at the borders), each
     multiplied by ``factor (1, 1, *S)`` when given (one pass instead of two)."""
-    g = torch.empty(1, 3, *image.shape[2:], dtype=image.dtype, device=image.device)
-    for a in range(3):
-        dim = a + 2
-        n = image.shape[dim]
-        ga = g[:, a:a + 1]
-        if n < 3:
-            ga.zero_()
-            continue
-        inner = ga.narrow(dim, 1, n - 2)
-        torch.sub(image.narrow(dim, 2, n - 2), image.narrow(dim, 0, n - 2), out=inner)
-        inner.mul_(0.5 if factor is None else factor.narrow(dim, 1, n - 2) * 0.5)
-        ga.narrow(dim, 0, 1).zero_()
-        ga.narrow(dim, n - 1, 1).zero_()
+    g = torch.zeros(1, 3, *image.shape[2:], dtype=image.dtype, device=image.device)
+    for a, diff in _interior_differences(image):
+        diff.mul_(0.5 if factor is None else _interior(factor, a) * 0.5)
+        _interior(g[:, a:a + 1], a).copy_(diff)
     return g
 
 
@@ -211,18 +217,14 @@ class _LNCC:
         self.mf = box_mean(fixed, window)
         self.vf = (box_mean(fixed * fixed, window) - self.mf * self.mf).clamp_min_(0)
 
-    def force(self, warped: torch.Tensor, with_cc: bool = False):
-        """d(mean LNCC)/d(warped) per voxel (up to a constant factor); with ``with_cc``, also
-        the mean LNCC (one more pass, which the optimisation does not need)."""
+    def force(self, warped: torch.Tensor) -> torch.Tensor:
+        """d(mean LNCC)/d(warped) per voxel (up to a constant factor)."""
         w = self.window
         mm = box_mean(warped, w)
         vm = (box_mean(warped * warped, w) - mm * mm).clamp_min_(0)
         cross = box_mean(self.f * warped, w) - self.mf * mm
         denom = self.vf * vm + 1e-5
-        force = (2.0 * cross / denom) * ((self.f - self.mf) - (cross / (vm + 1e-5)) * (warped - mm))
-        if with_cc:
-            return force, float((cross * cross / denom).mean())
-        return force
+        return (2.0 * cross / denom) * ((self.f - self.mf) - (cross / (vm + 1e-5)) * (warped - mm))
 
 
 class _LNCCTerm:
@@ -259,14 +261,9 @@ class _MINDTerm:
         if moving_mask is not None:
             residual.mul_(warp(moving_mask, u))
         g = torch.zeros(1, 3, *warped.shape[2:], dtype=warped.dtype, device=warped.device)
-        for a in range(3):
-            dim = a + 2
-            n = warped.shape[dim]
-            if n < 3:
-                continue
-            diff = warped.narrow(dim, 2, n - 2) - warped.narrow(dim, 0, n - 2)
-            g[:, a:a + 1].narrow(dim, 1, n - 2).copy_(
-                (diff.mul_(residual.narrow(dim, 1, n - 2))).sum(dim=1, keepdim=True))
+        for a, diff in _interior_differences(warped):
+            _interior(g[:, a:a + 1], a).copy_(
+                diff.mul_(_interior(residual, a)).sum(dim=1, keepdim=True))
         return g
 
 
@@ -281,13 +278,8 @@ def _compose_first_order(u: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     (central differences, none across the borders). The steps are a fraction of a voxel, where
     this matches the interpolated composition and costs a third of it (no trilinear resampling)."""
     out = u + step
-    for a in range(3):
-        dim = a + 2
-        n = u.shape[dim]
-        if n < 3:
-            continue
-        du = u.narrow(dim, 2, n - 2) - u.narrow(dim, 0, n - 2)
-        out.narrow(dim, 1, n - 2).addcmul_(du, step[:, a:a + 1].narrow(dim, 1, n - 2), value=0.5)
+    for a, du in _interior_differences(u):
+        _interior(out, a).addcmul_(du, _interior(step[:, a:a + 1], a), value=0.5)
     return out
 
 
@@ -296,7 +288,6 @@ class _Warper:
     ``grid_sample``'s normalised coordinates is made once per level, not at every step."""
 
     def __init__(self, shape, device):
-        self.shape = tuple(shape)
         self.base = spatial.voxel_to_normalized(
             spatial.identity_grid(shape, device).unsqueeze(0), shape).contiguous()
         self.scale = [2.0 / max(n - 1, 1) for n in shape]  # voxels -> normalised, array order
