@@ -47,7 +47,7 @@ PACKAGE = "EOIRRegistrationLib"
 # The standard library, other platforms' modules included (cli/outputfolder.py imports msvcrt on
 # Windows); before Python 3.10, which lists it, those modules are named here.
 STDLIB = set(getattr(sys, "stdlib_module_names", ())) or {"msvcrt", "winreg", "_winapi", "nt"}
-OUTPUTS = ("displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz", "report.json",
+OUTPUTS = ("displacement.nii", "warped.nii.gz", "jacobian.nii", "folding.nii.gz", "report.json",
            "overview.png")
 
 

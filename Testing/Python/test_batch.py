@@ -73,7 +73,7 @@ def test_a_cohort_is_registered_resumed_and_a_bad_file_isolated(tmp_path, capsys
 
     # A re-run reuses the three; a replaced input and a deleted output make their pairs run again.
     os.utime(tmp_path / "data" / "m1.nii.gz", ns=(1, 1))
-    (out / "s2" / "jacobian.nii.gz").unlink()
+    (out / "s2" / "jacobian.nii").unlink()
     assert batch.main([str(manifest), "--output-dir", str(out), "--workers", "1", *FAST]) == 1
     rows = summary(out)
     assert {i: rows[i]["status"] for i in ids} == {"s0": "reused", "s1": "registered",

@@ -44,14 +44,14 @@ def test_register_writes_every_output_and_a_consistent_report(files, tmp_path, c
                 "--network", "--quiet"])
     assert code == 0
     names = {p.name for p in out.iterdir()}
-    assert names == {"displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
+    assert names == {"displacement.nii", "warped.nii.gz", "jacobian.nii", "folding.nii.gz",
                      "warped_labels.nii.gz", "affine.tfm", "report.json", "overview.png"}
     report = json.loads((out / "report.json").read_text())
     affine = sitk.AffineTransform(sitk.ReadTransform(str(out / "affine.tfm")))
     a = np.asarray(report["initial_matrix_lps"])
     np.testing.assert_allclose(np.reshape(affine.GetMatrix(), (3, 3)), a[:3, :3], atol=1e-9)
     np.testing.assert_allclose(affine.GetTranslation(), a[:3, 3], atol=1e-6)
-    jac = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
+    jac = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii")))
     assert report["model"]["name"] == "tiny" and report["device"] == "cpu"
     assert report["quality"]["jacobian_min"] == pytest.approx(float(jac.min()), rel=1e-5)
     assert report["quality"]["folding_percent"] == pytest.approx(100 * np.mean(jac <= 0))
@@ -259,18 +259,20 @@ def test_inverted_contrast_is_detected_and_reported(tmp_path, capsys):
 
 def test_a_rerun_with_overwrite_leaves_no_stale_output(files, tmp_path):
     """A first run with an affine start and labels, then one without either, into the same
-    folder: the second run's folder holds only its own files (and the user's)."""
+    folder: the second run's folder holds only its own files (and the user's); the Jacobian an
+    earlier version wrote compressed is not left beside the new one."""
     out = tmp_path / "out"
     assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
                 "--moving-labels", files["labels"], "--init", "affine", "--contrast", "same",
                 "--refine", "0", "--quiet", "--no-png"]) == 0
     assert {"affine.tfm", "warped_labels.nii.gz"} <= {p.name for p in out.iterdir()}
     (out / "notes.txt").write_text("user data")
+    (out / "jacobian.nii").rename(out / "jacobian.nii.gz")  # as an earlier version named it
     assert run([files["fixed"], files["moving"], "--output-dir", out, "--model", files["model"],
                 "--init", "none", "--contrast", "same", "--refine", "0", "--quiet", "--no-png",
                 "--overwrite"]) == 0
     assert {p.name for p in out.iterdir()} == {"displacement.nii", "warped.nii.gz",
-                                               "jacobian.nii.gz", "folding.nii.gz",
+                                               "jacobian.nii", "folding.nii.gz",
                                                "report.json", "notes.txt"}
 
 

@@ -36,7 +36,7 @@ from EOIRRegistrationLib.engine import modelfile
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals and resource limits: POSIX")
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
-OUTPUTS = {"displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz",
+OUTPUTS = {"displacement.nii", "warped.nii.gz", "jacobian.nii", "folding.nii.gz",
            "report.json"}
 USER_FILE = "notes.txt"  # the user's own file in the output folder: --overwrite keeps it
 

@@ -41,6 +41,24 @@ def test_gaussian_matches_a_separable_convolution_per_axis():
     torch.testing.assert_close(optimise.gaussian(const, 1.3), const)
 
 
+@pytest.mark.parametrize("shape", [(12, 10, 9), (12, 2, 9), (1, 10, 9)])
+def test_the_step_loops_buffered_filters_give_the_allocating_ones_values(shape):
+    """The optimisation's steps smooth and compose into reused buffers: the same values as
+    ``gaussian`` and ``_compose_first_order`` without them, axes shorter than the kernel
+    included; the buffers handed back are the two given."""
+    torch.manual_seed(3)
+    x = torch.rand(1, 3, *shape, dtype=torch.float64)
+    for sigma in (0.5, 1.0, 2.0, 0.0):
+        a, b = x.clone(), torch.empty_like(x)
+        smoothed, free = optimise._gaussian_into(a, sigma, b)
+        assert torch.equal(smoothed, optimise.gaussian(x, sigma))
+        assert {id(smoothed), id(free)} == {id(a), id(b)}
+    step = 0.1 * torch.rand_like(x)
+    out = torch.empty_like(x)
+    assert optimise._compose_first_order(x, step, out=out) is out
+    torch.testing.assert_close(out, optimise._compose_first_order(x, step), rtol=0, atol=1e-15)
+
+
 def test_lncc_force_raises_the_similarity_it_approximates():
     """A small step of the warped image along the closed-form force raises the mean LNCC (as
     computed independently by core.losses), and the force vanishes for a perfect match."""
@@ -181,7 +199,8 @@ def test_mind_gradient_is_a_descent_direction_of_the_descriptor_difference():
     term = optimise._MINDTerm(fixed, moving)
     u = torch.zeros(1, 3, *fixed.shape[2:], dtype=torch.float64)
     warper = optimise._Warper(fixed.shape[2:], torch.device("cpu"))
-    g = term.gradient(u, warper)
+    warper.set_field(u)
+    g = term.gradient(warper)
 
     def energy(field):
         warped = optimise.spatial.warp(term.moving_d, field, padding="border")
@@ -195,3 +214,17 @@ def test_mind_schedule_recovers_a_shift_between_two_contrasts():
     d = optimise.optimise(fixed_at, inverted, grid, optimise.schedule_of("default", similarity="mind"))
     inner = d[:, 6:-6, 6:-6, 6:-6].reshape(3, -1).mean(dim=1)
     torch.testing.assert_close(inner, torch.tensor([-2.0, 1.0, -1.0]), atol=0.5, rtol=0)
+
+
+def test_the_warper_samples_where_core_spatial_warp_does():
+    """The optimiser's warper builds its grid from per-axis lines plus the field: the same
+    values as ``spatial.warp`` (which builds it from the identity grid), one-voxel axes too."""
+    torch.manual_seed(4)
+    for shape in [(14, 11, 9), (1, 8, 6)]:
+        u = 2.0 * torch.randn(1, 3, *shape, dtype=torch.float64)
+        image = torch.rand(1, 2, *shape, dtype=torch.float64)
+        warper = optimise._Warper(shape, torch.device("cpu"))
+        warper.set_field(u)
+        for padding in ("zeros", "border"):
+            torch.testing.assert_close(warper(image, padding=padding),
+                                       optimise.spatial.warp(image, u, padding=padding))

@@ -32,7 +32,7 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 #: the files of the batch itself in the output folder (no pair may take their names)
 BATCH_FILES = ("batch_summary.csv", "batch_overview.png", "batch_progress.json")
 #: what every complete pair folder holds besides report.json (the rest depends on the run)
-CORE_OUTPUTS = ("displacement.nii", "warped.nii.gz", "jacobian.nii.gz", "folding.nii.gz")
+CORE_OUTPUTS = ("displacement.nii", "warped.nii.gz", "jacobian.nii", "folding.nii.gz")
 
 
 @dataclass(frozen=True)

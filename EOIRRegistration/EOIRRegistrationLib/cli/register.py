@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eoir-register", description=(
         "Deformably register MOVING to FIXED. Writes displacement.nii (ITK displacement field: "
         "LPS mm on the fixed grid, fixed point -> moving point; a transform for SimpleITK, ANTs "
-        "and Slicer), warped.nii.gz, jacobian.nii.gz, folding.nii.gz, report.json and "
+        "and Slicer), warped.nii.gz, jacobian.nii, folding.nii.gz, report.json and "
         "overview.png to --output-dir; with --inverse also "
         "inverse_displacement.nii (LPS mm on the moving grid, moving point -> fixed point)."))
     p.add_argument("fixed", help="fixed (reference) 3D image: any format ITK reads")

@@ -110,10 +110,12 @@ def level_grid(fixed: geometry.Grid, scale_mm: float,
 
 # -- separable filters as sums of shifted views -----------------------------------------------
 
-def _filter_axis(x: torch.Tensor, weights: list[float], axis: int) -> torch.Tensor:
+def _filter_axis(x: torch.Tensor, weights: list[float], axis: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Correlate ``x (B, C, *S)`` along array ``axis`` with odd-length ``weights``, borders
     replicated: the centre tap, then each shifted view added in place, and the border voxels'
-    replicated neighbours added as one slice each (no padded copy: 40 % faster on a CPU)."""
+    replicated neighbours added as one slice each (no padded copy: 40 % faster on a CPU). Into
+    ``out`` (same shape as ``x``, not ``x`` itself) when given."""
     r = len(weights) // 2
     dim = axis + 2
     n = x.shape[dim]
@@ -122,11 +124,11 @@ def _filter_axis(x: torch.Tensor, weights: list[float], axis: int) -> torch.Tens
         shape[dim] = r
         padded = torch.cat([x.narrow(dim, 0, 1).expand(shape), x,
                             x.narrow(dim, n - 1, 1).expand(shape)], dim=dim)
-        out = padded.narrow(dim, 0, n) * weights[0]
+        out = torch.mul(padded.narrow(dim, 0, n), weights[0], out=out)
         for k in range(1, len(weights)):
             out.add_(padded.narrow(dim, k, n), alpha=weights[k])
         return out
-    out = x * weights[r]
+    out = torch.mul(x, weights[r], out=out)
     for k in range(1, r + 1):
         before, after = weights[r - k], weights[r + k]  # taps at i - k and i + k
         out.narrow(dim, k, n - k).add_(x.narrow(dim, 0, n - k), alpha=before)
@@ -141,18 +143,33 @@ def gaussian_radius(sigma: float) -> int:
     return 0 if sigma <= 0.05 else max(1, int(math.ceil(2.0 * sigma)))
 
 
+def _gaussian_weights(sigma: float) -> list[float]:
+    r = gaussian_radius(sigma)
+    w = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-r, r + 1)]
+    total = sum(w)
+    return [v / total for v in w]
+
+
 def gaussian(x: torch.Tensor, sigma) -> torch.Tensor:
     """Separable Gaussian, sigma in voxels (one value, or one per array axis), truncated at 2
     sigma, borders replicated."""
     sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(v) for v in sigma]
     for axis, sig in enumerate(sigmas):
-        if sig <= 0.05 or x.shape[axis + 2] < 2:
-            continue
-        r = gaussian_radius(sig)
-        w = [math.exp(-0.5 * (k / sig) ** 2) for k in range(-r, r + 1)]
-        total = sum(w)
-        x = _filter_axis(x, [v / total for v in w], axis)
+        if sig > 0.05 and x.shape[axis + 2] >= 2:
+            x = _filter_axis(x, _gaussian_weights(sig), axis)
     return x
+
+
+def _gaussian_into(x: torch.Tensor, sigma: float, spare: torch.Tensor):
+    """``gaussian(x, sigma)`` passing between ``x`` and ``spare`` (both overwritten) instead of
+    new tensors: ``(smoothed, the other buffer)``. At 1 mm every step smooths three fields;
+    fresh 50 MB tensors cost more in page faults than the filtering itself."""
+    if sigma > 0.05:
+        w = _gaussian_weights(sigma)
+        for axis in range(3):
+            if x.shape[axis + 2] >= 2:
+                x, spare = _filter_axis(x, w, axis, out=spare), x
+    return x, spare
 
 
 def image_at(values: torch.Tensor, source: geometry.Grid, level: geometry.Grid, scale_mm: float,
@@ -197,10 +214,12 @@ def _interior(x: torch.Tensor, axis: int) -> torch.Tensor:
     return x.narrow(axis + 2, 1, x.shape[axis + 2] - 2)
 
 
-def _gradient(image: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+def _gradient(image: torch.Tensor, factor: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Central differences of ``(1, 1, *S)`` -> ``(1, 3, *S)`` (zero at the borders), each
-    multiplied by ``factor (1, 1, *S)`` when given (one pass instead of two)."""
-    g = torch.zeros(1, 3, *image.shape[2:], dtype=image.dtype, device=image.device)
+    multiplied by ``factor (1, 1, *S)`` when given (one pass instead of two); into ``out``."""
+    g = (torch.zeros(1, 3, *image.shape[2:], dtype=image.dtype, device=image.device)
+         if out is None else out.zero_())
     for a, diff in _interior_differences(image):
         diff.mul_(0.5 if factor is None else _interior(factor, a) * 0.5)
         _interior(g[:, a:a + 1], a).copy_(diff)
@@ -209,22 +228,38 @@ def _gradient(image: torch.Tensor, factor: torch.Tensor | None = None) -> torch.
 
 class _LNCC:
     """Closed-form LNCC gradient against a fixed image; the fixed image's local statistics are
-    computed once."""
+    computed once, and each step's local statistics of the warped image in two reused buffers."""
 
     def __init__(self, fixed: torch.Tensor, window: int):
         self.window = window
         self.f = fixed
         self.mf = box_mean(fixed, window)
         self.vf = (box_mean(fixed * fixed, window) - self.mf * self.mf).clamp_min_(0)
+        self.fc = fixed - self.mf
+        self.buffers = None
 
     def force(self, warped: torch.Tensor) -> torch.Tensor:
-        """d(mean LNCC)/d(warped) per voxel (up to a constant factor)."""
-        w = self.window
-        mm = box_mean(warped, w)
-        vm = (box_mean(warped * warped, w) - mm * mm).clamp_min_(0)
-        cross = box_mean(self.f * warped, w) - self.mf * mm
-        denom = self.vf * vm + 1e-5
-        return (2.0 * cross / denom) * ((self.f - self.mf) - (cross / (vm + 1e-5)) * (warped - mm))
+        """d(mean LNCC)/d(warped) per voxel (up to a constant factor), ``(1, 1, *S)``: a view of
+        a buffer that the next call overwrites."""
+        if self.buffers is None or self.buffers[0].dtype != warped.dtype:
+            self.buffers = [warped.new_empty(1, 3, *warped.shape[2:]) for _ in range(2)]
+        stats, spare = self.buffers
+        # the three local means (warped, warped^2, fixed * warped) as one 3-channel box filter
+        stats[:, 0:1].copy_(warped)
+        torch.mul(warped, warped, out=stats[:, 1:2])
+        torch.mul(self.f, warped, out=stats[:, 2:3])
+        w = [1.0 / self.window] * self.window
+        for axis in range(3):
+            stats, spare = _filter_axis(stats, w, axis, out=spare), stats
+        self.buffers = [stats, spare]
+        mm = stats[:, 0:1]
+        vm = stats[:, 1:2].addcmul_(mm, mm, value=-1).clamp_min_(0)
+        cross = stats[:, 2:3].addcmul_(self.mf, mm, value=-1)
+        out, scratch = spare[:, 0:1], spare[:, 1:2]
+        # 2 cross / (vf vm + eps) * ((f - mf) - cross / (vm + eps) * (warped - mm))
+        torch.sub(warped, mm, out=out).mul_(cross).div_(torch.add(vm, 1e-5, out=scratch))
+        torch.sub(self.fc, out, out=out).mul_(cross).mul_(2.0)
+        return out.div_(torch.mul(self.vf, vm, out=scratch).add_(1e-5))
 
 
 class _LNCCTerm:
@@ -233,14 +268,15 @@ class _LNCCTerm:
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, window: int):
         self.moving, self.lncc = moving, _LNCC(fixed, window)
 
-    def gradient(self, u, warp, weight=None, moving_mask=None) -> torch.Tensor:
-        warped = warp(self.moving, u, padding="border")
+    def gradient(self, warp, weight=None, moving_mask=None, out=None) -> torch.Tensor:
+        """At the field ``warp.set_field`` was last given; into ``out (1, 3, *S)``."""
+        warped = warp(self.moving, padding="border")
         force = self.lncc.force(warped).neg_()
         if weight is not None:
             force.mul_(weight)
         if moving_mask is not None:
-            force.mul_(warp(moving_mask, u))
-        return _gradient(warped, force)
+            force.mul_(warp(moving_mask))
+        return _gradient(warped, force, out)
 
 
 class _MINDTerm:
@@ -253,14 +289,16 @@ class _MINDTerm:
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor):
         self.fixed_d, self.moving_d = losses.mind_ssc(fixed), losses.mind_ssc(moving)
 
-    def gradient(self, u, warp, weight=None, moving_mask=None) -> torch.Tensor:
-        warped = warp(self.moving_d, u, padding="border")  # (1, 12, *S)
+    def gradient(self, warp, weight=None, moving_mask=None, out=None) -> torch.Tensor:
+        """At the field ``warp.set_field`` was last given; into ``out (1, 3, *S)``."""
+        warped = warp(self.moving_d, padding="border")  # (1, 12, *S)
         residual = warped - self.fixed_d
         if weight is not None:
             residual.mul_(weight)
         if moving_mask is not None:
-            residual.mul_(warp(moving_mask, u))
-        g = torch.zeros(1, 3, *warped.shape[2:], dtype=warped.dtype, device=warped.device)
+            residual.mul_(warp(moving_mask))
+        g = (torch.zeros(1, 3, *warped.shape[2:], dtype=warped.dtype, device=warped.device)
+             if out is None else out.zero_())
         for a, diff in _interior_differences(warped):
             _interior(g[:, a:a + 1], a).copy_(
                 diff.mul_(_interior(residual, a)).sum(dim=1, keepdim=True))
@@ -273,30 +311,48 @@ def _eroded(mask: torch.Tensor, reach: int) -> torch.Tensor:
     return -F.max_pool3d(-mask, 2 * reach + 1, stride=1, padding=reach)
 
 
-def _compose_first_order(u: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+def _compose_first_order(u: torch.Tensor, step: torch.Tensor,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """``step + u o (id + step)`` to first order in the step: ``step + u + (du/dp) step``
-    (central differences, none across the borders). The steps are a fraction of a voxel, where
-    this matches the interpolated composition and costs a third of it (no trilinear resampling)."""
-    out = u + step
-    for a, du in _interior_differences(u):
-        _interior(out, a).addcmul_(du, _interior(step[:, a:a + 1], a), value=0.5)
+    (central differences, none across the borders), into ``out`` (not ``u`` or ``step``) when
+    given. The steps are a fraction of a voxel, where this matches the interpolated composition
+    and costs a third of it (no trilinear resampling)."""
+    out = torch.add(u, step, out=out)
+    for a in range(3):
+        n = u.shape[a + 2]
+        if n >= 3:  # (u(p + 1) - u(p - 1)) / 2 * step_a, as two products: no temporary
+            s_a = _interior(step[:, a:a + 1], a)
+            _interior(out, a).addcmul_(u.narrow(a + 2, 2, n - 2), s_a, value=0.5).addcmul_(
+                u.narrow(a + 2, 0, n - 2), s_a, value=-0.5)
     return out
 
 
 class _Warper:
-    """``image(p + u(p))`` on one level's grid: the sampling grid's identity part in
-    ``grid_sample``'s normalised coordinates is made once per level, not at every step."""
+    """``image(p + u(p))`` on one level's grid for the field last given to ``set_field``: the
+    sampling grid is made once per step (the moving image and its mask share it), each of its
+    coordinates as the axis' normalised positions (one line, broadcast) plus the scaled field,
+    in one pass."""
 
     def __init__(self, shape, device):
-        self.base = spatial.voxel_to_normalized(
-            spatial.identity_grid(shape, device).unsqueeze(0), shape).contiguous()
+        self.shape = tuple(shape)
         self.scale = [2.0 / max(n - 1, 1) for n in shape]  # voxels -> normalised, array order
+        self.lines = [torch.linspace(-1.0, 1.0, n, dtype=torch.float64, device=device) if n > 1
+                      else torch.full((1,), -1.0, dtype=torch.float64, device=device)
+                      for n in shape]
+        self.grid = None
 
-    def __call__(self, image: torch.Tensor, u: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
-        grid = self.base.to(image.dtype, copy=True)
+    def set_field(self, u: torch.Tensor) -> None:
+        if self.grid is None or self.grid.dtype != u.dtype:
+            self.grid = torch.empty(1, *self.shape, 3, dtype=u.dtype, device=u.device)
         for c in range(3):  # grid_sample's x, y, z = array axes 2, 1, 0
-            grid[..., c].add_(u[:, 2 - c], alpha=self.scale[2 - c])
-        return spatial.grid_sample(image, grid, padding=padding)
+            a = 2 - c
+            view = [1, 1, 1, 1]
+            view[a + 1] = self.shape[a]
+            line = self.lines[a].to(u.dtype).view(view)
+            torch.add(line, u[:, a], alpha=self.scale[a], out=self.grid[..., c])
+
+    def __call__(self, image: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+        return spatial.grid_sample(image, self.grid.to(image.dtype), padding=padding)
 
 
 def _to_mm(u: torch.Tensor, grid: geometry.Grid) -> torch.Tensor:
@@ -380,13 +436,16 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
                                    for m in (weight, moving_mask))
         m1 = torch.zeros_like(u)
         m2 = torch.zeros_like(u)
+        work, spare = torch.empty_like(u), torch.empty_like(u)  # reused by every step
         b1, b2 = 0.9, 0.999
         for it in range(iterations):
             if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
                 break
             if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
                 break
-            grad = gaussian(term.gradient(u, warp, weight, moving_mask), schedule.gradient_sigma)
+            warp.set_field(u)
+            grad, spare = _gaussian_into(term.gradient(warp, weight, moving_mask, out=work),
+                                         schedule.gradient_sigma, spare)
             t = it + 1
             lr = schedule.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * it / iterations)))
             if schedule.adam:
@@ -395,18 +454,19 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
                 # m1_hat / (sqrt(v_hat) + eps), v_hat = m2 / c2, in as few passes as possible
                 c1, c2 = 1 - b1 ** t, 1 - b2 ** t
                 eps = schedule.adam_floor * math.sqrt(float(m2.mean()) / c2) + 1e-8
-                step = torch.div(m1, m2.sqrt().add_(eps * math.sqrt(c2)))
-                step.mul_(-lr * math.sqrt(c2) / c1)
+                step = torch.sqrt(m2, out=grad).add_(eps * math.sqrt(c2))
+                step = torch.div(m1, step, out=step).mul_(-lr * math.sqrt(c2) / c1)
             else:
                 step = grad.mul_(-lr / float(grad.norm(dim=1).max().clamp_min(1e-12)))
-            del grad
-            step = gaussian(step, schedule.step_sigma)
-            u = gaussian(_compose_first_order(u, step), schedule.field_sigma)
+            step, spare = _gaussian_into(step, schedule.step_sigma, spare)
+            composed = _compose_first_order(u, step, out=spare)
+            u, spare = _gaussian_into(composed, schedule.field_sigma, u)
+            work = step
             done += 1
             if progress is not None:
                 progress(done / total)
         d_mm, grid = _to_mm(u.cpu(), level), level
-        del fixed, moving, term, warp, m1, m2, u, weight, moving_mask
+        del fixed, moving, term, warp, m1, m2, u, weight, moving_mask, work, spare
         if timings is not None:
             timings[f"optimising {scale:g} mm"] = round(time.perf_counter() - level_started, 3)
     if d_mm is None:
