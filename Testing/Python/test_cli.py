@@ -384,3 +384,22 @@ def test_inverse_fixed_labels_and_masks_from_the_command_line(files, tmp_path, c
     assert run(base[:2] + ["--output-dir", empty] + base[4:] + ["--moving-mask",
                                                                tmp_path / "none.nii.gz"]) == 2
     assert "moving mask file not found" in capsys.readouterr().err and not empty.exists()
+
+
+def test_inputs_read_together_report_the_first_bad_one_in_argument_order(files, tmp_path):
+    """cli.files.read_images reads in threads: the error still names the first failing input in
+    the order given (fixed, then moving, then the others), whichever thread failed first; the
+    images come back in that order."""
+    from EOIRRegistrationLib.cli.files import read_images
+    missing = str(tmp_path / "missing.nii.gz")
+    with pytest.raises(InputError, match="^fixed image file not found"):
+        read_images([(missing, "fixed image"), (missing, "moving image")])
+    with pytest.raises(InputError, match="^moving image file not found"):
+        read_images([(files["fixed"], "fixed image"), (missing, "moving image"),
+                     (missing, "fixed mask")])
+    fixed, none, moving = read_images([(files["fixed"], "fixed image"), (None, "labels"),
+                                       (files["moving"], "moving image")])
+    assert none is None
+    assert fixed.GetSize() == sitk.ReadImage(files["fixed"]).GetSize()
+    assert np.array_equal(sitk.GetArrayViewFromImage(moving),
+                          sitk.GetArrayViewFromImage(sitk.ReadImage(files["moving"])))

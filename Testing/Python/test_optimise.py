@@ -1,4 +1,5 @@
-"""The multi-scale optimisation's parts (engine/optimise.py) against independent computations."""
+"""The multi-scale optimisation's parts (engine/optimise.py, filters.py, similarity.py) against
+independent computations."""
 from __future__ import annotations
 
 import threading
@@ -9,20 +10,20 @@ import torch
 import torch.nn.functional as F
 from helpers import oblique_image
 
-from EOIRRegistrationLib.core import geometry, losses
-from EOIRRegistrationLib.engine import optimise
+from EOIRRegistrationLib.core import geometry, losses, spatial
+from EOIRRegistrationLib.engine import filters, optimise, similarity
 
 
 def test_box_mean_is_a_replicate_padded_average_pool():
     x = torch.rand(1, 2, 9, 7, 6, dtype=torch.float64)
     ref = F.avg_pool3d(F.pad(x, [2] * 6, mode="replicate"), 5, stride=1)
-    torch.testing.assert_close(optimise.box_mean(x, 5), ref)
+    torch.testing.assert_close(filters.box_mean(x, 5), ref)
 
 
 def test_gaussian_matches_a_separable_convolution_per_axis():
     x = torch.rand(1, 1, 12, 10, 9, dtype=torch.float64)
     sigmas = (1.0, 0.0, 2.0)  # array order; 0 skips the axis
-    out = optimise.gaussian(x, sigmas)
+    out = filters.gaussian(x, sigmas)
     ref = x.numpy()[0, 0]
     for axis, sigma in enumerate(sigmas):
         if sigma == 0:
@@ -36,9 +37,9 @@ def test_gaussian_matches_a_separable_convolution_per_axis():
         ref = sum(w[k] * np.take(padded, range(k, k + ref.shape[axis]), axis=axis)
                   for k in range(2 * r + 1))
     np.testing.assert_allclose(out[0, 0].numpy(), ref, rtol=0, atol=1e-12)
-    assert torch.equal(optimise.gaussian(x, 0.0), x)
+    assert torch.equal(filters.gaussian(x, 0.0), x)
     const = torch.full((1, 3, 6, 6, 6), 2.5)
-    torch.testing.assert_close(optimise.gaussian(const, 1.3), const)
+    torch.testing.assert_close(filters.gaussian(const, 1.3), const)
 
 
 @pytest.mark.parametrize("shape", [(12, 10, 9), (12, 2, 9), (1, 10, 9)])
@@ -50,8 +51,8 @@ def test_the_step_loops_buffered_filters_give_the_allocating_ones_values(shape):
     x = torch.rand(1, 3, *shape, dtype=torch.float64)
     for sigma in (0.5, 1.0, 2.0, 0.0):
         a, b = x.clone(), torch.empty_like(x)
-        smoothed, free = optimise._gaussian_into(a, sigma, b)
-        assert torch.equal(smoothed, optimise.gaussian(x, sigma))
+        smoothed, free = filters.gaussian_into(a, sigma, b)
+        assert torch.equal(smoothed, filters.gaussian(x, sigma))
         assert {id(smoothed), id(free)} == {id(a), id(b)}
     step = 0.1 * torch.rand_like(x)
     out = torch.empty_like(x)
@@ -63,13 +64,13 @@ def test_lncc_force_raises_the_similarity_it_approximates():
     """A small step of the warped image along the closed-form force raises the mean LNCC (as
     computed independently by core.losses), and the force vanishes for a perfect match."""
     torch.manual_seed(0)
-    fixed = optimise.gaussian(torch.rand(1, 1, 16, 16, 16, dtype=torch.float64), 1.0)
-    warped = fixed + 0.3 * optimise.gaussian(torch.rand_like(fixed), 1.0)
-    force = optimise._LNCC(fixed, 5).force(warped)
+    fixed = filters.gaussian(torch.rand(1, 1, 16, 16, 16, dtype=torch.float64), 1.0)
+    warped = fixed + 0.3 * filters.gaussian(torch.rand_like(fixed), 1.0)
+    force = similarity.LNCC(fixed, 5).force(warped)
     before = -float(losses.lncc_loss(fixed, warped, window=5))
     after = -float(losses.lncc_loss(fixed, warped + 1e-3 * force / force.abs().max(), window=5))
     assert after > before
-    force_same = optimise._LNCC(fixed, 5).force(fixed)
+    force_same = similarity.LNCC(fixed, 5).force(fixed)
     assert float(force_same.norm()) < 0.05 * float(force.norm())
     assert -float(losses.lncc_loss(fixed, fixed, window=5)) > before
 
@@ -170,7 +171,7 @@ def test_moving_a_field_between_levels_matches_3d_sampling(scales):
     assert source != target
     torch.manual_seed(1)
     d = torch.randn(1, 3, *source.shape, dtype=torch.float64)
-    reference = optimise.spatial.sample(d, geometry.array_coords_of(target, source),
+    reference = spatial.sample(d, geometry.array_coords_of(target, source),
                                         mode="linear", padding="border")
     # array_coords_of gives float32 coordinates: round-off of some 1e-6 voxel in the reference
     torch.testing.assert_close(optimise.move_field(d, source, target), reference,
@@ -180,13 +181,13 @@ def test_moving_a_field_between_levels_matches_3d_sampling(scales):
 def test_gradient_times_a_factor_is_the_product_of_both():
     torch.manual_seed(2)
     image, factor = torch.rand(1, 1, 9, 8, 7), torch.rand(1, 1, 9, 8, 7)
-    plain = optimise._gradient(image)
+    plain = similarity.gradient_times(image)
     reference = torch.zeros(1, 3, 9, 8, 7)
     reference[0, 0, 1:-1] = 0.5 * (image[0, 0, 2:] - image[0, 0, :-2])
     reference[0, 1, :, 1:-1] = 0.5 * (image[0, 0, :, 2:] - image[0, 0, :, :-2])
     reference[0, 2, :, :, 1:-1] = 0.5 * (image[0, 0, :, :, 2:] - image[0, 0, :, :, :-2])
     torch.testing.assert_close(plain, reference)
-    torch.testing.assert_close(optimise._gradient(image, factor), reference * factor)
+    torch.testing.assert_close(similarity.gradient_times(image, factor), reference * factor)
 
 
 def test_mind_gradient_is_a_descent_direction_of_the_descriptor_difference():
@@ -194,16 +195,16 @@ def test_mind_gradient_is_a_descent_direction_of_the_descriptor_difference():
     closed-form MIND-SSC gradient lowers the mean squared descriptor difference, as computed by
     warping the descriptors with core.spatial (not the optimiser's warper)."""
     torch.manual_seed(5)
-    fixed = optimise.gaussian(torch.rand(1, 1, 20, 18, 16, dtype=torch.float64), 1.5)
+    fixed = filters.gaussian(torch.rand(1, 1, 20, 18, 16, dtype=torch.float64), 1.5)
     moving = 1.0 - torch.roll(fixed, shifts=(1, -1), dims=(2, 4))  # inverted contrast, shifted
-    term = optimise._MINDTerm(fixed, moving)
+    term = similarity.MINDTerm(fixed, moving)
     u = torch.zeros(1, 3, *fixed.shape[2:], dtype=torch.float64)
     warper = optimise._Warper(fixed.shape[2:], torch.device("cpu"))
     warper.set_field(u)
     g = term.gradient(warper)
 
     def energy(field):
-        warped = optimise.spatial.warp(term.moving_d, field, padding="border")
+        warped = spatial.warp(term.moving_d, field, padding="border")
         return float(((warped - term.fixed_d) ** 2).mean())
     assert energy(u - 0.2 * g / g.abs().max()) < energy(u)
 
@@ -227,4 +228,4 @@ def test_the_warper_samples_where_core_spatial_warp_does():
         warper.set_field(u)
         for padding in ("zeros", "border"):
             torch.testing.assert_close(warper(image, padding=padding),
-                                       optimise.spatial.warp(image, u, padding=padding))
+                                       spatial.warp(image, u, padding=padding))

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from EOIRRegistrationLib.cli.files import read_image, write_displacement
+from EOIRRegistrationLib.cli.files import read_images, write_displacement
 from EOIRRegistrationLib.cli.outputfolder import OutputFolder
 from EOIRRegistrationLib.engine.options import RegistrationOptions
 
@@ -52,16 +52,15 @@ def _register_and_write(folder: OutputFolder, fixed_path, moving_path, options, 
     from EOIRRegistrationLib.engine.modelfile import resolve_model
     from EOIRRegistrationLib.engine.pipeline import register
     t0 = time.perf_counter()
-    fixed = read_image(fixed_path, "fixed image")
-    moving = read_image(moving_path, "moving image")
-    moving_lab = read_image(moving_labels, "moving label map") if moving_labels else None
-    fixed_lab = read_image(fixed_labels, "fixed label map") if fixed_labels else None
+    fixed, moving, moving_lab, fixed_lab, fixed_mask, moving_mask = read_images([
+        (fixed_path, "fixed image"), (moving_path, "moving image"),
+        (moving_labels, "moving label map"), (fixed_labels, "fixed label map"),
+        (mask_paths[0], "fixed mask"), (mask_paths[1], "moving mask")])
     label_warnings = []
     if fixed_lab is not None:  # the engine checks the moving labels; these only serve the Dice
         check_image(fixed_lab, "fixed label map", labels=True)
         label_warnings = check_labels_on(fixed_lab, fixed, "fixed label map", "fixed image")
-    masks = {f"{role}_mask": read_image(path, f"{role} mask") if path else None
-             for role, path in (("fixed", mask_paths[0]), ("moving", mask_paths[1]))}
+    masks = {"fixed_mask": fixed_mask, "moving_mask": moving_mask}
     loaded = resolve_model(options.model if loaded_model is None else loaded_model)
     t_read = time.perf_counter() - t0
     result = register(fixed, moving, options, moving_labels=moving_lab,

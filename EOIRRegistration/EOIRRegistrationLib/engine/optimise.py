@@ -19,8 +19,7 @@ greedily, as ANTs' and greedy's SyN-style optimisers do:
 
 The start (the network's field, or nothing) enters at the first level; between levels the field
 moves through physical space (LPS mm). Returns the displacement in LPS mm on the fixed grid.
-Gaussians and box sums are separable passes of shifted views (no conv3d): several times faster
-on a CPU.
+The similarity terms are in ``similarity.py``, the separable filters in ``filters.py``.
 """
 from __future__ import annotations
 
@@ -30,9 +29,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from EOIRRegistrationLib.core import geometry, losses, spatial
+from EOIRRegistrationLib.core import geometry, spatial
+from EOIRRegistrationLib.engine import similarity
+from EOIRRegistrationLib.engine.filters import gaussian, gaussian_into, gaussian_radius, interior
 
 
 @dataclass(frozen=True)
@@ -108,70 +108,6 @@ def level_grid(fixed: geometry.Grid, scale_mm: float,
     return geometry.working_grid(fixed, tuple(spacing), multiple=1, min_size=4)
 
 
-# -- separable filters as sums of shifted views -----------------------------------------------
-
-def _filter_axis(x: torch.Tensor, weights: list[float], axis: int,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Correlate ``x (B, C, *S)`` along array ``axis`` with odd-length ``weights``, borders
-    replicated: the centre tap, then each shifted view added in place, and the border voxels'
-    replicated neighbours added as one slice each (no padded copy: 40 % faster on a CPU). Into
-    ``out`` (same shape as ``x``, not ``x`` itself) when given."""
-    r = len(weights) // 2
-    dim = axis + 2
-    n = x.shape[dim]
-    if n <= r:  # an axis shorter than the kernel's reach: pad explicitly
-        shape = list(x.shape)
-        shape[dim] = r
-        padded = torch.cat([x.narrow(dim, 0, 1).expand(shape), x,
-                            x.narrow(dim, n - 1, 1).expand(shape)], dim=dim)
-        out = torch.mul(padded.narrow(dim, 0, n), weights[0], out=out)
-        for k in range(1, len(weights)):
-            out.add_(padded.narrow(dim, k, n), alpha=weights[k])
-        return out
-    out = torch.mul(x, weights[r], out=out)
-    for k in range(1, r + 1):
-        before, after = weights[r - k], weights[r + k]  # taps at i - k and i + k
-        out.narrow(dim, k, n - k).add_(x.narrow(dim, 0, n - k), alpha=before)
-        out.narrow(dim, 0, n - k).add_(x.narrow(dim, k, n - k), alpha=after)
-        out.narrow(dim, 0, k).add_(x.narrow(dim, 0, 1), alpha=before)
-        out.narrow(dim, n - k, k).add_(x.narrow(dim, n - 1, 1), alpha=after)
-    return out
-
-
-def gaussian_radius(sigma: float) -> int:
-    """Voxels each side of ``gaussian``'s kernel (0: not filtered)."""
-    return 0 if sigma <= 0.05 else max(1, int(math.ceil(2.0 * sigma)))
-
-
-def _gaussian_weights(sigma: float) -> list[float]:
-    r = gaussian_radius(sigma)
-    w = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-r, r + 1)]
-    total = sum(w)
-    return [v / total for v in w]
-
-
-def gaussian(x: torch.Tensor, sigma) -> torch.Tensor:
-    """Separable Gaussian, sigma in voxels (one value, or one per array axis), truncated at 2
-    sigma, borders replicated."""
-    sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(v) for v in sigma]
-    for axis, sig in enumerate(sigmas):
-        if sig > 0.05 and x.shape[axis + 2] >= 2:
-            x = _filter_axis(x, _gaussian_weights(sig), axis)
-    return x
-
-
-def _gaussian_into(x: torch.Tensor, sigma: float, spare: torch.Tensor):
-    """``gaussian(x, sigma)`` passing between ``x`` and ``spare`` (both overwritten) instead of
-    new tensors: ``(smoothed, the other buffer)``. At 1 mm every step smooths three fields;
-    fresh 50 MB tensors cost more in page faults than the filtering itself."""
-    if sigma > 0.05:
-        w = _gaussian_weights(sigma)
-        for axis in range(3):
-            if x.shape[axis + 2] >= 2:
-                x, spare = _filter_axis(x, w, axis, out=spare), x
-    return x, spare
-
-
 def image_at(values: torch.Tensor, source: geometry.Grid, level: geometry.Grid, scale_mm: float,
              affine=None) -> torch.Tensor:
     """An image ``(1, 1, *source.shape)`` for one level: smoothed by a Gaussian of half the
@@ -191,126 +127,6 @@ def image_at(values: torch.Tensor, source: geometry.Grid, level: geometry.Grid, 
                                     full_shape=tuple(values.shape[2:]))
 
 
-def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over a ``window``^3 box (borders replicated)."""
-    w = [1.0 / window] * window
-    for axis in range(3):
-        x = _filter_axis(x, w, axis)
-    return x
-
-
-def _interior_differences(x: torch.Tensor):
-    """For each array axis of ``x (B, C, *S)`` with 3 or more voxels: ``(axis, x(p + 1) - x(p - 1))``
-    at its interior voxels p (1 .. n - 2 along that axis). The optimisation's central differences
-    (image gradients, the field's Jacobian in the composition) all come from here."""
-    for axis in range(3):
-        n = x.shape[axis + 2]
-        if n >= 3:
-            yield axis, x.narrow(axis + 2, 2, n - 2) - x.narrow(axis + 2, 0, n - 2)
-
-
-def _interior(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """The interior voxels of ``x`` along ``axis`` (a view)."""
-    return x.narrow(axis + 2, 1, x.shape[axis + 2] - 2)
-
-
-def _gradient(image: torch.Tensor, factor: torch.Tensor | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """Central differences of ``(1, 1, *S)`` -> ``(1, 3, *S)`` (zero at the borders), each
-    multiplied by ``factor (1, 1, *S)`` when given (one pass instead of two); into ``out``."""
-    g = (torch.zeros(1, 3, *image.shape[2:], dtype=image.dtype, device=image.device)
-         if out is None else out.zero_())
-    for a, diff in _interior_differences(image):
-        diff.mul_(0.5 if factor is None else _interior(factor, a) * 0.5)
-        _interior(g[:, a:a + 1], a).copy_(diff)
-    return g
-
-
-class _LNCC:
-    """Closed-form LNCC gradient against a fixed image; the fixed image's local statistics are
-    computed once, and each step's local statistics of the warped image in two reused buffers."""
-
-    def __init__(self, fixed: torch.Tensor, window: int):
-        self.window = window
-        self.f = fixed
-        self.mf = box_mean(fixed, window)
-        self.vf = (box_mean(fixed * fixed, window) - self.mf * self.mf).clamp_min_(0)
-        self.fc = fixed - self.mf
-        self.buffers = None
-
-    def force(self, warped: torch.Tensor) -> torch.Tensor:
-        """d(mean LNCC)/d(warped) per voxel (up to a constant factor), ``(1, 1, *S)``: a view of
-        a buffer that the next call overwrites."""
-        if self.buffers is None or self.buffers[0].dtype != warped.dtype:
-            self.buffers = [warped.new_empty(1, 3, *warped.shape[2:]) for _ in range(2)]
-        stats, spare = self.buffers
-        # the three local means (warped, warped^2, fixed * warped) as one 3-channel box filter
-        stats[:, 0:1].copy_(warped)
-        torch.mul(warped, warped, out=stats[:, 1:2])
-        torch.mul(self.f, warped, out=stats[:, 2:3])
-        w = [1.0 / self.window] * self.window
-        for axis in range(3):
-            stats, spare = _filter_axis(stats, w, axis, out=spare), stats
-        self.buffers = [stats, spare]
-        mm = stats[:, 0:1]
-        vm = stats[:, 1:2].addcmul_(mm, mm, value=-1).clamp_min_(0)
-        cross = stats[:, 2:3].addcmul_(self.mf, mm, value=-1)
-        out, scratch = spare[:, 0:1], spare[:, 1:2]
-        # 2 cross / (vf vm + eps) * ((f - mf) - cross / (vm + eps) * (warped - mm))
-        torch.sub(warped, mm, out=out).mul_(cross).div_(torch.add(vm, 1e-5, out=scratch))
-        torch.sub(self.fc, out, out=out).mul_(cross).mul_(2.0)
-        return out.div_(torch.mul(self.vf, vm, out=scratch).add_(1e-5))
-
-
-class _LNCCTerm:
-    """The LNCC similarity of one level: its loss gradient with respect to the field."""
-
-    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, window: int):
-        self.moving, self.lncc = moving, _LNCC(fixed, window)
-
-    def gradient(self, warp, weight=None, moving_mask=None, out=None) -> torch.Tensor:
-        """At the field ``warp.set_field`` was last given; into ``out (1, 3, *S)``."""
-        warped = warp(self.moving, padding="border")
-        force = self.lncc.force(warped).neg_()
-        if weight is not None:
-            force.mul_(weight)
-        if moving_mask is not None:
-            force.mul_(warp(moving_mask))
-        return _gradient(warped, force, out)
-
-
-class _MINDTerm:
-    """MIND-SSC (``core.losses.mind_ssc``) of both images on one level, computed once; each step
-    warps the moving descriptors and takes the gradient of their squared difference from the
-    fixed ones, ``sum_c r_c grad(D_c)``, in closed form."""
-
-    REACH = 3  # voxels a descriptor reads around its own: patch radius 1 + neighbour offset 2
-
-    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor):
-        self.fixed_d, self.moving_d = losses.mind_ssc(fixed), losses.mind_ssc(moving)
-
-    def gradient(self, warp, weight=None, moving_mask=None, out=None) -> torch.Tensor:
-        """At the field ``warp.set_field`` was last given; into ``out (1, 3, *S)``."""
-        warped = warp(self.moving_d, padding="border")  # (1, 12, *S)
-        residual = warped - self.fixed_d
-        if weight is not None:
-            residual.mul_(weight)
-        if moving_mask is not None:
-            residual.mul_(warp(moving_mask))
-        g = (torch.zeros(1, 3, *warped.shape[2:], dtype=warped.dtype, device=warped.device)
-             if out is None else out.zero_())
-        for a, diff in _interior_differences(warped):
-            _interior(g[:, a:a + 1], a).copy_(
-                diff.mul_(_interior(residual, a)).sum(dim=1, keepdim=True))
-        return g
-
-
-def _eroded(mask: torch.Tensor, reach: int) -> torch.Tensor:
-    """``mask (1, 1, *S)`` where its whole ``reach``-voxel neighbourhood is inside it: with MIND
-    descriptors a lesion's edge would otherwise still pull through the voxels around it."""
-    return -F.max_pool3d(-mask, 2 * reach + 1, stride=1, padding=reach)
-
-
 def _compose_first_order(u: torch.Tensor, step: torch.Tensor,
                          out: torch.Tensor | None = None) -> torch.Tensor:
     """``step + u o (id + step)`` to first order in the step: ``step + u + (du/dp) step``
@@ -321,8 +137,8 @@ def _compose_first_order(u: torch.Tensor, step: torch.Tensor,
     for a in range(3):
         n = u.shape[a + 2]
         if n >= 3:  # (u(p + 1) - u(p - 1)) / 2 * step_a, as two products: no temporary
-            s_a = _interior(step[:, a:a + 1], a)
-            _interior(out, a).addcmul_(u.narrow(a + 2, 2, n - 2), s_a, value=0.5).addcmul_(
+            s_a = interior(step[:, a:a + 1], a)
+            interior(out, a).addcmul_(u.narrow(a + 2, 2, n - 2), s_a, value=0.5).addcmul_(
                 u.narrow(a + 2, 0, n - 2), s_a, value=-0.5)
     return out
 
@@ -426,13 +242,13 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
              else _to_voxels(move_field(d_mm, grid, level), level)).to(device)
         fixed = fixed_at(level, scale).to(device)
         moving = moving_at(level, scale).to(device)
-        term = (_MINDTerm(fixed, moving) if schedule.similarity == "mind"
-                else _LNCCTerm(fixed, moving, schedule.window))
+        term = (similarity.MINDTerm(fixed, moving) if schedule.similarity == "mind"
+                else similarity.LNCCTerm(fixed, moving, schedule.window))
         warp = _Warper(level.shape, device)
         weight, moving_mask = (None, None) if masks is None else (
             None if m is None else m.to(device) for m in masks(level))
         if schedule.similarity == "mind":  # a descriptor reads 3 voxels around its own
-            weight, moving_mask = (None if m is None else _eroded(m, _MINDTerm.REACH)
+            weight, moving_mask = (None if m is None else similarity.eroded(m, similarity.MINDTerm.REACH)
                                    for m in (weight, moving_mask))
         m1 = torch.zeros_like(u)
         m2 = torch.zeros_like(u)
@@ -444,7 +260,7 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
             if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
                 break
             warp.set_field(u)
-            grad, spare = _gaussian_into(term.gradient(warp, weight, moving_mask, out=work),
+            grad, spare = gaussian_into(term.gradient(warp, weight, moving_mask, out=work),
                                          schedule.gradient_sigma, spare)
             t = it + 1
             lr = schedule.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * it / iterations)))
@@ -458,9 +274,9 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
                 step = torch.div(m1, step, out=step).mul_(-lr * math.sqrt(c2) / c1)
             else:
                 step = grad.mul_(-lr / float(grad.norm(dim=1).max().clamp_min(1e-12)))
-            step, spare = _gaussian_into(step, schedule.step_sigma, spare)
+            step, spare = gaussian_into(step, schedule.step_sigma, spare)
             composed = _compose_first_order(u, step, out=spare)
-            u, spare = _gaussian_into(composed, schedule.field_sigma, u)
+            u, spare = gaussian_into(composed, schedule.field_sigma, u)
             work = step
             done += 1
             if progress is not None:

@@ -1,0 +1,94 @@
+"""Separable filters as sums of shifted views (no conv3d: several times faster on a CPU), and
+the central differences the optimisation takes. Arrays are ``(B, C, *S)``, axes in array order
+(k, j, i); sigmas and windows in voxels; borders replicated.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def filter_axis(x: torch.Tensor, weights: list[float], axis: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Correlate ``x (B, C, *S)`` along array ``axis`` with odd-length ``weights``, borders
+    replicated: the centre tap, then each shifted view added in place, and the border voxels'
+    replicated neighbours added as one slice each (no padded copy: 40 % faster on a CPU). Into
+    ``out`` (same shape as ``x``, not ``x`` itself) when given."""
+    r = len(weights) // 2
+    dim = axis + 2
+    n = x.shape[dim]
+    if n <= r:  # an axis shorter than the kernel's reach: pad explicitly
+        shape = list(x.shape)
+        shape[dim] = r
+        padded = torch.cat([x.narrow(dim, 0, 1).expand(shape), x,
+                            x.narrow(dim, n - 1, 1).expand(shape)], dim=dim)
+        out = torch.mul(padded.narrow(dim, 0, n), weights[0], out=out)
+        for k in range(1, len(weights)):
+            out.add_(padded.narrow(dim, k, n), alpha=weights[k])
+        return out
+    out = torch.mul(x, weights[r], out=out)
+    for k in range(1, r + 1):
+        before, after = weights[r - k], weights[r + k]  # taps at i - k and i + k
+        out.narrow(dim, k, n - k).add_(x.narrow(dim, 0, n - k), alpha=before)
+        out.narrow(dim, 0, n - k).add_(x.narrow(dim, k, n - k), alpha=after)
+        out.narrow(dim, 0, k).add_(x.narrow(dim, 0, 1), alpha=before)
+        out.narrow(dim, n - k, k).add_(x.narrow(dim, n - 1, 1), alpha=after)
+    return out
+
+
+def gaussian_radius(sigma: float) -> int:
+    """Voxels each side of ``gaussian``'s kernel (0: not filtered)."""
+    return 0 if sigma <= 0.05 else max(1, int(math.ceil(2.0 * sigma)))
+
+
+def gaussian_weights(sigma: float) -> list[float]:
+    r = gaussian_radius(sigma)
+    w = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-r, r + 1)]
+    total = sum(w)
+    return [v / total for v in w]
+
+
+def gaussian(x: torch.Tensor, sigma) -> torch.Tensor:
+    """Separable Gaussian, sigma in voxels (one value, or one per array axis), truncated at 2
+    sigma, borders replicated."""
+    sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(v) for v in sigma]
+    for axis, sig in enumerate(sigmas):
+        if sig > 0.05 and x.shape[axis + 2] >= 2:
+            x = filter_axis(x, gaussian_weights(sig), axis)
+    return x
+
+
+def gaussian_into(x: torch.Tensor, sigma: float, spare: torch.Tensor):
+    """``gaussian(x, sigma)`` passing between ``x`` and ``spare`` (both overwritten) instead of
+    new tensors: ``(smoothed, the other buffer)``. At 1 mm every step smooths three fields;
+    fresh 50 MB tensors cost more in page faults than the filtering itself."""
+    if sigma > 0.05:
+        w = gaussian_weights(sigma)
+        for axis in range(3):
+            if x.shape[axis + 2] >= 2:
+                x, spare = filter_axis(x, w, axis, out=spare), x
+    return x, spare
+
+
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a ``window``^3 box (borders replicated)."""
+    w = [1.0 / window] * window
+    for axis in range(3):
+        x = filter_axis(x, w, axis)
+    return x
+
+
+def interior_differences(x: torch.Tensor):
+    """For each array axis of ``x (B, C, *S)`` with 3 or more voxels: ``(axis, x(p + 1) - x(p - 1))``
+    at its interior voxels p (1 .. n - 2 along that axis). The optimisation's central differences
+    (image gradients, the field's Jacobian in the composition) all come from here."""
+    for axis in range(3):
+        n = x.shape[axis + 2]
+        if n >= 3:
+            yield axis, x.narrow(axis + 2, 2, n - 2) - x.narrow(axis + 2, 0, n - 2)
+
+
+def interior(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """The interior voxels of ``x`` along ``axis`` (a view)."""
+    return x.narrow(axis + 2, 1, x.shape[axis + 2] - 2)
