@@ -35,8 +35,8 @@ import torch
 
 from EOIRRegistrationLib.core import geometry, metrics, qa, spatial
 from EOIRRegistrationLib.core.errors import DeviceError, InputError, RegistrationCancelled
-from EOIRRegistrationLib.core.intensity import normalize, outlier_bounds, window_of
-from EOIRRegistrationLib.engine import alignment, checks, foreground, inverse, masks, memory, optimise
+from EOIRRegistrationLib.core.intensity import normalize
+from EOIRRegistrationLib.engine import alignment, checks, foreground, inverse, masks, memory, optimise, prepare
 from EOIRRegistrationLib.engine import contrast as contrast_test
 from EOIRRegistrationLib.engine.allocator import release_freed_memory
 from EOIRRegistrationLib.engine.checks import check_image
@@ -94,23 +94,13 @@ class _Stages:
             self.progress("done", 1.0)
 
 
-def _to_working(values: torch.Tensor, source: geometry.Grid, grid: geometry.Grid,
-                affine=None) -> torch.Tensor:
-    """``values`` (an image on ``source``) resampled onto the working grid, through ``affine``."""
-    coords = geometry.array_coords_of(grid, source, affine=affine)
-    return geometry.sample_like_itk(values, coords)
-
-
-def _level_images(fixed_t, fixed_grid, moving_t, moving_grid, affine, windows):
+def _level_images(p: prepare.Prepared, affine):
     """The optimisation's image makers: (grid, scale) -> the normalised fixed image, and the
     moving image through ``affine``, smoothed for the scale and sampled on the level grid."""
-    def fixed_at(grid, scale):
-        return normalize(optimise.image_at(fixed_t, fixed_grid, grid, scale), windows[0])
-
     def moving_at(grid, scale):
-        return normalize(optimise.image_at(moving_t, moving_grid, grid, scale, affine),
-                         windows[1])
-    return fixed_at, moving_at
+        return normalize(optimise.image_at(p.moving_c, p.moving_grid, grid, scale, affine),
+                         p.windows[1])
+    return partial(prepare.fixed_at, p), moving_at
 
 
 def _working_mm(u: torch.Tensor, grid: geometry.Grid) -> torch.Tensor:
@@ -243,16 +233,6 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
         torch.set_num_threads(threads)
 
 
-def _clamped(values: torch.Tensor, window, inplace: bool = False) -> torch.Tensor:
-    """``values`` with outliers (``core.intensity.outlier_bounds``) clamped before anything
-    smooths them: one voxel of 1e30 would otherwise brighten its whole neighbourhood at the
-    optimisation's coarse scales. A copy only when something is clamped, unless ``inplace``."""
-    low, high = outlier_bounds(window)
-    if float(values.min()) >= low and float(values.max()) <= high:
-        return values
-    return values.clamp_(low, high) if inplace else values.clamp(low, high)
-
-
 def _release_if_large(grid: geometry.Grid) -> None:
     """Freed memory back to the system on grids above ``LARGE_GRID_VOXELS`` (a CT): the next
     stage's fields would otherwise come on top of it (``allocator.py``)."""
@@ -287,9 +267,9 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
                        options.inverse or fixed_labels is not None)
 
     stages.start("preparing images")
-    chosen = alignment.choose_alignment(fixed, moving, options.initial_alignment,
-                                        options.initial_transform,
-                                        [masks.binary(m) for m in given_masks])
+    level_scales = () if refine is None else optimise.schedule_of(options.preset).scales_mm
+    p, chosen = prepare.prepared_and_aligned(fixed, moving, options, loaded, spacing, level_scales,
+                                             [masks.binary(m) for m in given_masks])
     a, how = chosen.matrix, _alignment_words(chosen)
     warnings += [chosen.warning] if chosen.warning else []
     warnings += checks.check_overlap(fixed, moving, a, how)
@@ -297,29 +277,10 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
         warnings += checks.check_labels_on(moving_labels, fixed, "moving label map",
                                            "fixed image", a, how)
     affine = None if np.allclose(a, np.eye(4)) else a
-    fixed_grid = geometry.Grid.from_image(fixed)
-    # Each image is converted to a tensor once; the moving one is reused for the final warp.
-    fixed_t, moving_t = geometry.image_to_tensor(fixed), geometry.image_to_tensor(moving)
-    windows = []
-    for k, (values, role) in enumerate(((fixed_t, "fixed"), (moving_t, "moving"))):
-        window = (options.intensity_window[k] if options.intensity_window is not None
-                  else window_of(values, loaded.normalization))
-        if not window[1] > window[0]:
-            raise InputError(f"the {role} image's intensity window {window} is empty (high must "
-                             "exceed low); most voxels may share one value")
-        windows.append(window)
-    # Outliers clamped for the registration; the warped output keeps the moving image's values.
-    fixed_t = _clamped(fixed_t, windows[0], inplace=True)
-    moving_c = _clamped(moving_t, windows[1])
-    moving_grid = geometry.Grid.from_image(moving)
-    # The network and the optimisation work on the foreground's box (foreground.py).
-    box = (foreground.box(fixed_t, fixed_grid, windows[0]) if options.foreground_box
-           else ((0, 0, 0), fixed_grid.shape))
-    region = geometry.sub_grid(fixed_grid, *box)
-    region_t = foreground.crop(fixed_t, *box)
-    wgrid = geometry.working_grid(region, spacing, multiple=loaded.model.size_multiple)
-    fixed_w = normalize(_to_working(region_t, region, wgrid), windows[0])
-    moving_w = normalize(_to_working(moving_c, moving_grid, wgrid, affine), windows[1])
+    fixed_grid, moving_grid, wgrid, region, box = p.fixed_grid, p.moving_grid, p.wgrid, p.region, p.box
+    moving_t, fixed_w = p.moving_t, p.fixed_w
+    moving_w = normalize(prepare.on_working_grid(p.moving_c, moving_grid, wgrid, affine),
+                         p.windows[1])
     contrast, correlation = contrast_test.decide(options.contrast, fixed_w, moving_w)
     if network is None:
         network = contrast_test.network_by_default(refine, contrast, agnostic)
@@ -344,7 +305,7 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
         schedule = optimise.schedule_of(options.preset, options.refine_iterations,
                                         refine.similarity)
         start = (_working_mm(u, wgrid), wgrid) if network else None
-        level_images = _level_images(region_t, region, moving_c, moving_grid, affine, windows)
+        level_images = _level_images(p, affine)
         disp, dev = _with_cpu_fallback(
             lambda d: optimise.optimise(*level_images, region, schedule, start=start,
                                         progress=on_step, cancel=cancel,
@@ -361,7 +322,7 @@ def _register(fixed, moving, options: RegistrationOptions, labels, given_masks, 
             refinement["finest_grid_mm"] = [round(float(v), 3) for v in finest.spacing]
         if _cancelled(cancel):
             raise RegistrationCancelled("registration cancelled while refining")
-    del fixed_w, moving_w, fixed_t, region_t, moving_c
+    del fixed_w, moving_w, p
 
     _release_if_large(fixed_grid)  # the optimisation's buffers, before the full-size fields
     stages.start("resampling")
