@@ -121,13 +121,13 @@ def image_at(values: torch.Tensor, source: geometry.Grid, level: geometry.Grid, 
     sigma = tuple(reversed(sigma.tolist()))  # array order k, j, i
     if level == source and affine is None:
         return gaussian(values, sigma)
-    coords = geometry.array_coords_of(level, source, affine=affine)
     # Only the block the level reads is smoothed (a CT's box of a whole moving image): inside
     # it, away from its cut edges by the Gaussian's reach, the values are the whole image's.
-    start, stop = geometry.reach(coords, values.shape[2:], [gaussian_radius(s) for s in sigma])
+    start, stop = geometry.reach(geometry.corner_coords(level, source, affine), values.shape[2:],
+                                 [gaussian_radius(s) for s in sigma])
     block = values[:, :, start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
-    return geometry.sample_like_itk(gaussian(block, sigma), coords, start=start,
-                                    full_shape=tuple(values.shape[2:]))
+    return geometry.sample_through_like_itk(gaussian(block, sigma), source, level, affine,
+                                            start=start, full_shape=tuple(values.shape[2:]))
 
 
 def _compose_first_order(u: torch.Tensor, step: torch.Tensor,

@@ -133,8 +133,8 @@ def _sample_through(values: torch.Tensor, source: geometry.Grid, target: geometr
     (ITK's rules, ``geometry.sample_like_itk``), slab by slab: ``(*target.shape)``."""
     out = torch.empty(target.shape, dtype=values.dtype)
     for k0, k1, slab in geometry.slabs(target):
-        coords = geometry.array_coords_of(slab, source, displacement=disp[:, k0:k1])
-        out[k0:k1] = geometry.sample_like_itk(values, coords, mode=mode)[0, 0]
+        out[k0:k1] = geometry.sample_through_like_itk(values, source, slab,
+                                                      displacement=disp[:, k0:k1], mode=mode)[0, 0]
     return out
 
 

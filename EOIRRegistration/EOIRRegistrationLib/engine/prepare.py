@@ -51,8 +51,7 @@ def clamped(values: torch.Tensor, window, inplace: bool = False) -> torch.Tensor
 def on_working_grid(values: torch.Tensor, source: geometry.Grid, grid: geometry.Grid,
                     affine=None) -> torch.Tensor:
     """``values`` (an image on ``source``) resampled onto the working grid, through ``affine``."""
-    coords = geometry.array_coords_of(grid, source, affine=affine)
-    return geometry.sample_like_itk(values, coords)
+    return geometry.sample_through_like_itk(values, source, grid, affine)
 
 
 def fixed_at(prepared: Prepared, grid: geometry.Grid, scale: float) -> torch.Tensor:
