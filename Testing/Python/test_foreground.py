@@ -187,8 +187,7 @@ def test_a_level_image_smoothed_on_its_block_equals_the_whole_image_smoothed():
     for scale in (4.0, 2.0):
         level = optimise.level_grid(part, scale)
         sigma = [0.5 * np.sqrt(max(scale ** 2 - s ** 2, 0.0)) / s for s in reversed(source.spacing)]
-        whole = geometry.sample_like_itk(filters.gaussian(values, sigma),
-                                         geometry.array_coords_of(level, source, affine=a))
+        whole = geometry.sample_through_like_itk(filters.gaussian(values, sigma), source, level, a)
         ours = optimise.image_at(values, source, level, scale, affine=a)
         assert (whole != 0).float().mean() > 0.9
         torch.testing.assert_close(ours, whole, rtol=0, atol=1e-5)

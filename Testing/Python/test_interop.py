@@ -76,9 +76,9 @@ def engine_warp(moving: sitk.Image, fixed: sitk.Image, displacement: sitk.Image)
     """The engine's resampler, as ``engine.pipeline`` makes ``warped.nii.gz``."""
     disp, _ = geometry.displacement_from_image(displacement)
     fixed_grid = geometry.Grid.from_image(fixed)
-    coords = geometry.array_coords_of(fixed_grid, geometry.Grid.from_image(moving),
-                                      displacement=disp)
-    warped = geometry.sample_like_itk(geometry.image_to_tensor(moving, torch.float64), coords)
+    warped = geometry.sample_through_like_itk(geometry.image_to_tensor(moving, torch.float64),
+                                              geometry.Grid.from_image(moving), fixed_grid,
+                                              displacement=disp)
     return geometry.tensor_to_image(warped[0, 0], fixed_grid)
 
 

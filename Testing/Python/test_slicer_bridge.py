@@ -159,10 +159,9 @@ def engine_warp(moving: sitk.Image, fixed: sitk.Image, displacement: sitk.Image)
     from EOIRRegistrationLib.core import geometry
 
     disp, _ = geometry.displacement_from_image(displacement)
-    coords = geometry.array_coords_of(geometry.Grid.from_image(fixed),
-                                      geometry.Grid.from_image(moving), displacement=disp)
-    warped = geometry.sample_like_itk(geometry.image_to_tensor(moving, torch.float64),
-                                      coords.to(torch.float64))
+    warped = geometry.sample_through_like_itk(geometry.image_to_tensor(moving, torch.float64),
+                                              geometry.Grid.from_image(moving),
+                                              geometry.Grid.from_image(fixed), displacement=disp)
     return warped[0, 0].numpy()
 
 

@@ -149,26 +149,6 @@ def array_coords_of(target: Grid, source: Grid, displacement: torch.Tensor | Non
     return coords.unsqueeze(0)
 
 
-def sample_like_itk(image: torch.Tensor, coords: torch.Tensor, mode: str = "linear",
-                    start=None, full_shape=None) -> torch.Tensor:
-    """Sample ``image (B, C, *S)`` at array coordinates ``coords (1, 3, *T)`` like ITK's resampler:
-    border-replicated interpolation inside ``[-0.5, size - 0.5)``, 0 outside.
-
-    start, full_shape: ``image`` is the block from array index ``start`` of an image of
-    ``full_shape`` (coordinates are the full image's): the same values as sampling the full
-    image wherever the points' interpolation neighbours lie in the block (``reach``)."""
-    if start is not None:
-        shift = torch.as_tensor(start, dtype=coords.dtype, device=coords.device).view(1, 3, 1, 1, 1)
-        out = spatial.sample(image, coords - shift, mode=mode, padding="border")
-    else:
-        out = spatial.sample(image, coords, mode=mode, padding="border")
-    inside = torch.ones(coords.shape[2:], dtype=torch.bool, device=coords.device)
-    for axis, n in enumerate(full_shape or image.shape[2:]):
-        c = coords[0, axis]
-        inside &= (c >= -0.5) & (c < n - 0.5)
-    return out * inside.to(out.dtype)
-
-
 def _source_index_map(target: Grid, source: Grid, affine=None) -> np.ndarray:
     """4x4: ``target`` array index (k, j, i) -> ``source`` array index, through ``affine``."""
     t2p = target.array_to_physical()
@@ -189,12 +169,20 @@ def corner_coords(target: Grid, source: Grid, affine=None) -> torch.Tensor:
 def sample_through_like_itk(image: torch.Tensor, source: Grid, target: Grid, affine=None,
                             displacement: torch.Tensor | None = None, mode: str = "linear",
                             start=None, full_shape=None) -> torch.Tensor:
-    """``sample_like_itk(image, array_coords_of(target, source, displacement, affine), mode,
-    start, full_shape)`` in a few passes: the sampling grid is written in ``grid_sample``'s own
-    layout, each coordinate as the sum of three lines along the target's axes (the map is affine
-    in its index) plus the displacement's term, and the inside test read from it. The same
-    values (float32 coordinates, to about 1e-5 voxel); a brain's 1 mm image twice as fast,
-    without the full-size temporaries of the coordinates and their normalised copy."""
+    """``image (B, C, *source.shape)`` read at every voxel of ``target`` like ITK's resampler:
+    at the source array coordinates of ``array_coords_of(target, source, displacement, affine)``
+    (``q = A x + d(x)``, LPS mm), border-replicated interpolation inside ``[-0.5, size - 0.5)``
+    per axis, 0 outside. ``mode``: "linear" or "nearest".
+
+    start, full_shape: ``image`` is the block from array index ``start`` of an image of
+    ``full_shape``: the same values as sampling the whole image wherever the points'
+    interpolation neighbours lie in the block (``reach``).
+
+    In a few passes: the sampling grid is written in ``grid_sample``'s own layout, each
+    coordinate as the sum of three lines along the target's axes (the map is affine in its
+    index) plus the displacement's term, and the inside test read from it (float32 coordinates
+    without a displacement, to about 1e-5 voxel). A brain's 1 mm image twice as fast as
+    building the coordinates and sampling them, without their full-size temporaries."""
     shape = tuple(target.shape)
     block = tuple(image.shape[2:])
     full = tuple(full_shape or block)

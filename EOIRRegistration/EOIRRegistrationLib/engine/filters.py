@@ -51,23 +51,25 @@ def gaussian_weights(sigma: float) -> list[float]:
 
 def gaussian(x: torch.Tensor, sigma) -> torch.Tensor:
     """Separable Gaussian, sigma in voxels (one value, or one per array axis), truncated at 2
-    sigma, borders replicated."""
-    sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(v) for v in sigma]
-    for axis, sig in enumerate(sigmas):
-        if sig > 0.05 and x.shape[axis + 2] >= 2:
-            x = filter_axis(x, gaussian_weights(sig), axis)
-    return x
+    sigma, borders replicated; ``x`` is left as it was."""
+    return _gaussian_passes(x, sigma, None)[0]
 
 
-def gaussian_into(x: torch.Tensor, sigma: float, spare: torch.Tensor):
+def gaussian_into(x: torch.Tensor, sigma, spare: torch.Tensor):
     """``gaussian(x, sigma)`` passing between ``x`` and ``spare`` (both overwritten) instead of
     new tensors: ``(smoothed, the other buffer)``. At 1 mm every step smooths three fields;
     fresh 50 MB tensors cost more in page faults than the filtering itself."""
-    if sigma > 0.05:
-        w = gaussian_weights(sigma)
-        for axis in range(3):
-            if x.shape[axis + 2] >= 2:
-                x, spare = filter_axis(x, w, axis, out=spare), x
+    return _gaussian_passes(x, sigma, spare)
+
+
+def _gaussian_passes(x: torch.Tensor, sigma, spare: torch.Tensor | None):
+    """One pass per filtered axis, each into ``spare`` (the previous input becoming the next
+    spare) or, without one, into a new tensor."""
+    sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(v) for v in sigma]
+    for axis, sig in enumerate(sigmas):
+        if sig > 0.05 and x.shape[axis + 2] >= 2:
+            smoothed = filter_axis(x, gaussian_weights(sig), axis, out=spare)
+            x, spare = smoothed, (x if spare is not None else None)
     return x, spare
 
 

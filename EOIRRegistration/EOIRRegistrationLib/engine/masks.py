@@ -50,8 +50,7 @@ class LevelMask:
     def on(self, grid: geometry.Grid, affine=None) -> torch.Tensor:
         """``(1, 1, *grid.shape)`` in [0, 1]; ``affine`` (4x4 LPS) maps ``grid``'s points into
         the mask's space (the initial alignment, for a moving mask)."""
-        coords = geometry.array_coords_of(grid, self.grid, affine=affine)
-        return geometry.sample_like_itk(self.values, coords)
+        return geometry.sample_through_like_itk(self.values, self.grid, grid, affine)
 
 
 def level_masks(fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None, affine=None):

@@ -130,7 +130,7 @@ def _include_affine(disp: torch.Tensor, grid: geometry.Grid, a: np.ndarray,
 def _sample_through(values: torch.Tensor, source: geometry.Grid, target: geometry.Grid,
                     disp: torch.Tensor, mode: str = "linear") -> torch.Tensor:
     """``values (1, 1, *source.shape)`` read at x + disp(x) for every voxel x of ``target``
-    (ITK's rules, ``geometry.sample_like_itk``), slab by slab: ``(*target.shape)``."""
+    (ITK's rules, ``geometry.sample_through_like_itk``), slab by slab: ``(*target.shape)``."""
     out = torch.empty(target.shape, dtype=values.dtype)
     for k0, k1, slab in geometry.slabs(target):
         out[k0:k1] = geometry.sample_through_like_itk(values, source, slab,

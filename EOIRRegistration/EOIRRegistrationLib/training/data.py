@@ -89,15 +89,15 @@ class FileSource:
 
     def _load(self, entry: dict, grid: geometry.Grid):
         image = sitk.ReadImage(entry["image"])
-        coords = geometry.array_coords_of(grid, geometry.Grid.from_image(image))
-        img = geometry.sample_like_itk(geometry.image_to_tensor(image), coords)
         raw = geometry.image_to_tensor(image)
+        img = geometry.sample_through_like_itk(raw, geometry.Grid.from_image(image), grid)
         img = normalize(img, window_of(raw, self.normalization))
         labels = None
         if "label" in entry:
             lab = sitk.ReadImage(entry["label"])
-            labels = geometry.sample_like_itk(geometry.image_to_tensor(lab), coords,
-                                              mode="nearest").round().long()
+            labels = geometry.sample_through_like_itk(
+                geometry.image_to_tensor(lab), geometry.Grid.from_image(lab), grid,
+                mode="nearest").round().long()
         return img, labels
 
     def sample(self, gen: torch.Generator) -> dict:

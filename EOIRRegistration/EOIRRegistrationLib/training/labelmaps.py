@@ -103,8 +103,8 @@ class LabelMapSource:
                                    tuple(grid.center() - grid.direction_matrix
                                          @ (self.spacing * (np.asarray(size) - 1) / 2)),
                                    grid.direction)
-            coords = geometry.array_coords_of(target, grid)
-            lab = geometry.sample_like_itk(geometry.image_to_tensor(image), coords, mode="nearest")
+            lab = geometry.sample_through_like_itk(geometry.image_to_tensor(image), grid, target,
+                                                   mode="nearest")
             maps.append(lab[0, 0].round().to(torch.int16))
         reference = maps[0].numpy()
         aligned = [maps[0]]
