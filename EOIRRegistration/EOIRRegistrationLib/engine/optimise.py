@@ -52,12 +52,15 @@ class Schedule:
 
 
 #: the presets of ``RegistrationOptions.preset`` (scales in mm, coarse to fine). On the six real
-#: brain pairs (benchmarks/bench_real.py, one run, 2 threads): 10/5/1 steps 0.747 Dice in 4.0 s,
-#: 20/10/2 0.757 in 4.3 s, 20/10/3 0.760 in 5.5 s; without the step's smoothing 20/10/2 reached
-#: 0.767 but folded (up to 0.003 % of voxels, SDlogJ 0.43 against 0.35): kept for "accurate".
+#: brain pairs (benchmarks/bench_real.py, ours only, one run each, 2 threads; Dice, largest
+#: folding % of a pair), step smoothing 0.5 voxel: 10/5/1 steps 0.759 (0.0006 %), 12/6/1 0.760,
+#: 16/8/1 0.761 (0.0008 %), 20/8/1 0.761, 20/10/2 0.765, 16/8/2 0.766; step smoothing 1 voxel
+#: (no folding at all): 20/10/1 0.752, 20/10/2 0.757 (the default until this version). The
+#: second step at 1 mm costs ~0.4 s of a ~4.5 s run, the coarse levels' steps beyond 10/5 gain
+#: little; in one process, the same pairs in turn, 16/8/1 took 0.82 of 20/10/2's time.
 PRESETS = {
-    "fast": Schedule((4.0, 2.0, 1.0), (10, 5, 1), step_sigma=1.0, adam_floor=0.3),
-    "default": Schedule((4.0, 2.0, 1.0), (20, 10, 2), step_sigma=1.0, adam_floor=0.3),
+    "fast": Schedule((4.0, 2.0, 1.0), (10, 5, 1), step_sigma=0.5, adam_floor=0.3),
+    "default": Schedule((4.0, 2.0, 1.0), (16, 8, 1), step_sigma=0.5, adam_floor=0.3),
     "accurate": Schedule((4.0, 2.0, 1.0), (50, 25, 6), step_sigma=0.5, adam_floor=0.3),
 }
 
