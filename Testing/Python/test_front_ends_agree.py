@@ -82,7 +82,8 @@ def test_cli_api_and_slicer_give_the_same_field(pair, tmp_path):
     # The node's direction comes back from Slicer's matrices 1e-16 off; 33 optimisation steps in
     # float32 carry that to some 1e-5 mm (1.9e-5 measured): not a different field.
     np.testing.assert_allclose(slicer_field, api_field, rtol=0, atol=1e-4)
-    assert outputs.result.qa == pytest.approx(api.qa)
+    # the Jacobian's figures of fields that far apart (2e-7 on its minimum measured)
+    assert outputs.result.qa == pytest.approx(api.qa, rel=1e-5, abs=1e-5)
 
 
 def test_every_front_end_uses_the_engines_default_refinement(tmp_path, monkeypatch):

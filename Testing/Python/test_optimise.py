@@ -16,8 +16,27 @@ from EOIRRegistrationLib.engine import filters, optimise, similarity
 
 def test_box_mean_is_a_replicate_padded_average_pool():
     x = torch.rand(1, 2, 9, 7, 6, dtype=torch.float64)
+    before = x.clone()
     ref = F.avg_pool3d(F.pad(x, [2] * 6, mode="replicate"), 5, stride=1)
     torch.testing.assert_close(filters.box_mean(x, 5), ref)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("window", [3, 5, 7])
+@pytest.mark.parametrize("shape", [(11, 9, 8), (4, 9, 8), (1, 2, 8)])
+def test_box_sums_from_pairs_are_replicate_padded_window_sums(window, shape):
+    """Along each axis, long ones and ones too short for the window's interior."""
+    x = torch.rand(1, 3, *shape, dtype=torch.float64)
+    before = x.clone()
+    r = window // 2
+    for axis in range(3):
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        kernel = [window if a == axis else 1 for a in range(3)]
+        ref = F.avg_pool3d(F.pad(x, pad, mode="replicate"), kernel, stride=1) * window
+        out = filters.box_sum_axis(x, window, axis, torch.empty_like(x), torch.empty_like(x))
+        torch.testing.assert_close(out, ref)
+        assert torch.equal(x, before)
 
 
 def test_gaussian_matches_a_separable_convolution_per_axis():

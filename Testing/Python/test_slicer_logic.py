@@ -22,6 +22,7 @@ from helpers import registration_result  # noqa: E402
 
 from EOIRRegistrationLib.core import qa  # noqa: E402
 from EOIRRegistrationLib.core.errors import InputError, RegistrationCancelled  # noqa: E402
+from EOIRRegistrationLib.engine import optimise  # noqa: E402
 from EOIRRegistrationLib.engine.options import RegistrationOptions, options_of  # noqa: E402
 from EOIRRegistrationLib.engine.result import RegistrationResult  # noqa: E402
 from EOIRRegistrationLib.slicer import bridge, catalog, display, runners, segmentations, selftest, worker  # noqa: E402  # noqa: E402
@@ -1237,7 +1238,8 @@ def test_real_engine_alignment_and_refinement_in_the_worker_process(scene, zero_
     assert moving.GetParentTransformNode() is out.transformNode
     # the worker reports which contrast path ran; the outputs and their summary carry it
     assert out.result.method.startswith("same contrast (intensity correlation ")
-    assert out.result.method.endswith("LNCC optimisation alone at 4/2/1 mm, 20/10/3 steps "
-                                      "(default)")
+    coarse = "/".join(str(n) for n in optimise.PRESETS["default"].iterations[:-1])
+    assert out.result.method.endswith(f"LNCC optimisation alone at 4/2/1 mm, {coarse}/3 steps "
+                                      "(default)")  # refine_iterations: 3 at the finest scale
     assert out.summary().startswith(out.result.method + "; folding")
     assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from EOIRRegistrationLib.core import losses
-from EOIRRegistrationLib.engine.filters import box_mean, filter_axis, interior, interior_differences
+from EOIRRegistrationLib.engine.filters import box_mean, box_sum_axis, interior, interior_differences
 
 
 def gradient_times(image: torch.Tensor, factor: torch.Tensor | None = None,
@@ -40,22 +40,23 @@ class LNCC:
         self.mf = box_mean(fixed, window)
         self.vf = (box_mean(fixed * fixed, window) - self.mf * self.mf).clamp_min_(0)
         self.fc = fixed - self.mf
+        self.f_per_box = fixed / window ** 3
         self.buffers = None
 
     def force(self, warped: torch.Tensor) -> torch.Tensor:
         """d(mean LNCC)/d(warped) per voxel (up to a constant factor), ``(1, 1, *S)``: a view of
         a buffer that the next call overwrites."""
         if self.buffers is None or self.buffers[0].dtype != warped.dtype:
-            self.buffers = [warped.new_empty(1, 3, *warped.shape[2:]) for _ in range(2)]
-        stats, spare = self.buffers
-        # the three local means (warped, warped^2, fixed * warped) as one 3-channel box filter
-        stats[:, 0:1].copy_(warped)
-        torch.mul(warped, warped, out=stats[:, 1:2])
-        torch.mul(self.f, warped, out=stats[:, 2:3])
-        w = [1.0 / self.window] * self.window
+            self.buffers = [warped.new_empty(1, 3, *warped.shape[2:]) for _ in range(3)]
+        stats, spare, pairs = self.buffers
+        # the three local means (warped, warped^2, fixed * warped) as one 3-channel box sum of
+        # the values divided by the box's voxels (no pass of its own)
+        torch.mul(warped, 1.0 / self.window ** 3, out=stats[:, 0:1])
+        torch.mul(stats[:, 0:1], warped, out=stats[:, 1:2])
+        torch.mul(self.f_per_box, warped, out=stats[:, 2:3])
         for axis in range(3):
-            stats, spare = filter_axis(stats, w, axis, out=spare), stats
-        self.buffers = [stats, spare]
+            stats, spare = box_sum_axis(stats, self.window, axis, spare, pairs), stats
+        self.buffers = [stats, spare, pairs]
         mm = stats[:, 0:1]
         vm = stats[:, 1:2].addcmul_(mm, mm, value=-1).clamp_min_(0)
         cross = stats[:, 2:3].addcmul_(self.mf, mm, value=-1)

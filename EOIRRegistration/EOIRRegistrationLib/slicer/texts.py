@@ -35,8 +35,8 @@ PRESET_LABELS = {"fast": "Fast", "default": "Default", "accurate": "Accurate"}
 PRESET_TIPS = {
     "fast": "Fewer optimisation steps: quicker, a little less accurate.",
     "default": "The balance measured best for accuracy against time.",
-    "accurate": "More optimisation steps at every scale: the most accurate, about twice the "
-                "time of the default.",
+    "accurate": "More steps at every scale, each smoothed less: the most accurate, about twice "
+                "the time of the default, a less smooth field.",
 }
 #: contrast choices (the engine's names) and their labels in the panel
 CONTRAST_LABELS = {
