@@ -44,18 +44,24 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
 def _register_and_write(folder: OutputFolder, fixed_path, moving_path, options, moving_labels,
                         fixed_labels, png, progress, amend_report, extra_files,
                         mask_paths, loaded_model) -> dict:
-    import SimpleITK as sitk
+    from concurrent.futures import ThreadPoolExecutor
 
-    from EOIRRegistrationLib import __version__
-    from EOIRRegistrationLib.core import qa
-    from EOIRRegistrationLib.engine.checks import check_image, check_labels_on
-    from EOIRRegistrationLib.engine.modelfile import resolve_model
-    from EOIRRegistrationLib.engine.pipeline import register
-    t0 = time.perf_counter()
-    fixed, moving, moving_lab, fixed_lab, fixed_mask, moving_mask = read_images([
-        (fixed_path, "fixed image"), (moving_path, "moving image"),
-        (moving_labels, "moving label map"), (fixed_labels, "fixed label map"),
-        (mask_paths[0], "fixed mask"), (mask_paths[1], "moving mask")])
+    import SimpleITK as sitk
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # ITK reads the files outside the interpreter lock while the engine's modules are
+        # imported (torch: about a second in a fresh process, when not imported yet), so the
+        # report's "reading inputs" is the longer of the two
+        reading = pool.submit(read_images, [
+            (fixed_path, "fixed image"), (moving_path, "moving image"),
+            (moving_labels, "moving label map"), (fixed_labels, "fixed label map"),
+            (mask_paths[0], "fixed mask"), (mask_paths[1], "moving mask")])
+        t0 = time.perf_counter()
+        from EOIRRegistrationLib import __version__
+        from EOIRRegistrationLib.core import qa
+        from EOIRRegistrationLib.engine.checks import check_image, check_labels_on
+        from EOIRRegistrationLib.engine.modelfile import resolve_model
+        from EOIRRegistrationLib.engine.pipeline import register
+        fixed, moving, moving_lab, fixed_lab, fixed_mask, moving_mask = reading.result()
     label_warnings = []
     if fixed_lab is not None:  # the engine checks the moving labels; these only serve the Dice
         check_image(fixed_lab, "fixed label map", labels=True)
