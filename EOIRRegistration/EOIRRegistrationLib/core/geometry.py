@@ -157,6 +157,16 @@ def _source_index_map(target: Grid, source: Grid, affine=None) -> np.ndarray:
     return source.physical_to_array() @ t2p
 
 
+def index_lines(row, shape, dtype=torch.float32) -> list:
+    """``p -> row[0] k + row[1] j + row[2] i + row[3]`` over the array indices ``p = (k, j, i)``
+    of ``shape``, as three lines along the axes, shaped to broadcast, whose sum is its value at
+    every voxel (float64 products, each line rounded once; the offset in the first). Maps
+    affine in the index (a coordinate of another grid, an affine's displacement) cost one
+    full pass this way instead of a grid of positions and a matrix product."""
+    return [(torch.arange(n, dtype=torch.float64) * float(row[a]) + (float(row[3]) if a == 0 else 0.0))
+            .to(dtype).view([n if b == a else 1 for b in range(3)]) for a, n in enumerate(shape)]
+
+
 def corner_coords(target: Grid, source: Grid, affine=None) -> torch.Tensor:
     """``array_coords_of(target, source, affine=affine)`` at ``target``'s 8 corner voxels only,
     ``(1, 3, 2, 2, 2)``: the map is affine in the index, so these hold its extremes (``reach``)."""
@@ -195,9 +205,8 @@ def sample_through_like_itk(image: torch.Tensor, source: Grid, target: Grid, aff
     inside = torch.ones(shape, dtype=torch.bool, device=image.device)
     coord = torch.empty(shape, dtype=dtype, device=image.device)
     for c in range(3):  # source array axis c = grid_sample's channel 2 - c
-        lines = [(torch.arange(n, dtype=torch.float64) * m[c, a]).to(dtype).view(
-            [n if b == a else 1 for b in range(3)]) for a, n in enumerate(shape)]
-        torch.add((lines[0] + float(m[c, 3])) + lines[1], lines[2], out=coord)  # one full pass
+        lines = index_lines(m[c], shape, dtype)
+        torch.add(lines[0] + lines[1], lines[2], out=coord)  # one full pass
         if displacement is not None:
             for b in range(3):
                 coord.add_(displacement[b].to(dtype), alpha=float(to_array[c, b]))
