@@ -111,8 +111,8 @@ def test_a_constant_field_moves_between_grids_unchanged():
     d = torch.tensor([1.5, -2.0, 0.25]).view(1, 3, 1, 1, 1).expand(1, 3, *coarse.shape)
     moved = optimise.move_field(d.clone(), coarse, fine)
     torch.testing.assert_close(moved, d[:, :, :1, :1, :1].expand(1, 3, *fine.shape))
-    u = optimise._to_voxels(moved, fine)
-    torch.testing.assert_close(optimise._to_mm(u, fine), moved, atol=1e-5, rtol=0)
+    u = optimise.to_voxels(moved, fine)
+    torch.testing.assert_close(optimise.to_mm(u, fine), moved, atol=1e-5, rtol=0)
 
 
 def test_schedules_and_presets():

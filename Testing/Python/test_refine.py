@@ -42,11 +42,11 @@ def test_mind_optimisation_aligns_two_contrasts_without_folding(cross_contrast_p
     moving_at = lambda g, s: optimise.image_at(moving, grid, g, s)  # noqa: E731
     d = optimise.optimise(fixed_at, moving_at, grid,
                           optimise.schedule_of("default", similarity="mind"))
-    u = optimise._to_voxels(d[None], grid)
+    u = optimise.to_voxels(d[None], grid)
     before, after = _dice(torch.zeros_like(u), fl, ml), _dice(u, fl, ml)
     assert after > before + 0.05, (before, after)
     # LNCC on the same two contrasts does worse: the descriptors are what carries it
-    lncc = optimise._to_voxels(optimise.optimise(fixed_at, moving_at, grid,
+    lncc = optimise.to_voxels(optimise.optimise(fixed_at, moving_at, grid,
                                                  optimise.schedule_of("default"))[None], grid)
     assert after > _dice(lncc, fl, ml), (after, _dice(lncc, fl, ml))
     assert qa.folding_fraction(metrics.jacobian_determinant_voxel(u)) == 0.0

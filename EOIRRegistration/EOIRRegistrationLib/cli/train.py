@@ -53,10 +53,12 @@ def parser() -> argparse.ArgumentParser:
                    help="start from this model's weights (bundled name or file; same architecture "
                         "and configuration): fine-tuning")
     p.add_argument("--distill-from", metavar="MODEL",
-                   help="contrast distillation (labelmaps: data, EOIR): the trained model learns to "
-                        "reproduce this model's displacement for the same anatomy in one contrast "
-                        "while it sees two contrasts; bundled name or file at the same working "
-                        "spacing")
+                   help="distillation (EOIR): the trained model learns to reproduce the "
+                        "teacher's displacement. A model (bundled name or file at the same working "
+                        "spacing; labelmaps: data): its displacement for the same anatomy in one "
+                        "contrast while the student sees two contrasts. 'optimisation': the "
+                        "multi-scale optimisation's field for each pair (any data), solved on "
+                        "the pair's own grid")
     p.add_argument("--distill-weight", type=float, default=None,
                    help="weight of the distillation term (squared voxel distance to the teacher's "
                         "displacement; default 1); needs --distill-from")

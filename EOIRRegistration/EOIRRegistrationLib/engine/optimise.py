@@ -180,12 +180,14 @@ class _Warper:
         return spatial.grid_sample(image, self.grid.to(image.dtype), padding=padding)
 
 
-def _to_mm(u: torch.Tensor, grid: geometry.Grid) -> torch.Tensor:
+def to_mm(u: torch.Tensor, grid: geometry.Grid) -> torch.Tensor:
+    """A voxel displacement ``(1, 3, *grid.shape)`` (array order) in LPS mm (channels x, y, z)."""
     m = torch.as_tensor(grid.array_to_physical()[:3, :3], dtype=u.dtype)
     return torch.einsum("ab,b...->a...", m, u[0])[None]
 
 
-def _to_voxels(d: torch.Tensor, grid: geometry.Grid) -> torch.Tensor:
+def to_voxels(d: torch.Tensor, grid: geometry.Grid) -> torch.Tensor:
+    """An LPS-mm displacement ``(1, 3, *grid.shape)`` in voxels of ``grid``, array order."""
     m = torch.as_tensor(np.linalg.inv(grid.array_to_physical()[:3, :3]), dtype=d.dtype)
     return torch.einsum("ab,b...->a...", m, d[0])[None]
 
@@ -248,7 +250,7 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
         level_started = time.perf_counter()
         level = level_grid(fixed_grid, scale)
         u = (torch.zeros(1, 3, *level.shape) if d_mm is None
-             else _to_voxels(move_field(d_mm, grid, level), level)).to(device)
+             else to_voxels(move_field(d_mm, grid, level), level)).to(device)
         fixed = fixed_at(level, scale).to(device)
         moving = moving_at(level, scale).to(device)
         term = (similarity.MINDTerm(fixed, moving) if schedule.similarity == "mind"
@@ -290,7 +292,7 @@ def optimise(fixed_at, moving_at, fixed_grid: geometry.Grid, schedule: Schedule,
             done += 1
             if progress is not None:
                 progress(done / total)
-        d_mm, grid = _to_mm(u.cpu(), level), level
+        d_mm, grid = to_mm(u.cpu(), level), level
         del fixed, moving, term, warp, m1, m2, u, weight, moving_mask, work, spare
         if timings is not None:
             timings[f"optimising {scale:g} mm"] = round(time.perf_counter() - level_started, 3)

@@ -24,6 +24,7 @@ from EOIRRegistrationLib.core.intensity import DEFAULT_NORMALIZATION
 from EOIRRegistrationLib.engine.devices import resolve_device
 from EOIRRegistrationLib.engine.modelfile import atomic_torch_save, model_payload, save_model
 from EOIRRegistrationLib.models import build_model
+from EOIRRegistrationLib.training import optimiser_teacher
 from EOIRRegistrationLib.training.data import FileSource, SyntheticSource
 from EOIRRegistrationLib.training.objectives import OBJECTIVES, ObjectiveConfig
 from EOIRRegistrationLib.training.synthetic import SyntheticConfig
@@ -44,8 +45,9 @@ class TrainConfig:
     synthetic: dict = field(default_factory=dict)   # SyntheticConfig overrides
     source_options: dict = field(default_factory=dict)  # LabelMapSource options (labelmaps: data)
     init_from: str | None = None  # model file or bundled name to start from (fine-tuning)
-    # Teacher for contrast distillation (labelmaps: data): its displacement for the moving anatomy
-    # rendered in the fixed image's contrast is the target (ObjectiveConfig.distill_weight).
+    # Distillation teacher: a model (contrast distillation, labelmaps: data: its displacement for
+    # the moving anatomy rendered in the fixed image's contrast) or "optimisation" (the
+    # multi-scale optimisation, optimiser_teacher.py); the target of ObjectiveConfig.distill_weight.
     distill_from: str | None = None
     objective: dict = field(default_factory=dict)   # ObjectiveConfig overrides
     iterations: int = 2000
@@ -179,24 +181,26 @@ def _load_initial_weights(model, cfg: TrainConfig) -> None:
 
 
 def _load_teacher(cfg: TrainConfig, source, device):
-    """The frozen teacher model of contrast distillation, or None."""
+    """The distillation teacher (a frozen model, or the optimisation), or None."""
     if not cfg.distill_from:
         if ObjectiveConfig(**cfg.objective).distill_weight > 0:
             raise InputError("a distillation weight needs a teacher (--distill-from)")
         return None
+    if ObjectiveConfig(**cfg.objective).distill_weight <= 0:
+        raise InputError("--distill-from needs a positive --distill-weight")
+    if cfg.architecture != "eoir":
+        raise InputError("--distill-from: distillation is implemented for EOIR training")
+    if cfg.distill_from == optimiser_teacher.NAME:
+        return optimiser_teacher.OptimisationTeacher(cfg.working_spacing_mm)
     from EOIRRegistrationLib.engine.modelfile import resolve_model
     if not getattr(source, "renders_moving_in_fixed_contrast", False):
         raise InputError("--distill-from needs labelmaps: data (the teacher sees the moving "
                          "anatomy rendered in the fixed image's contrast)")
-    if cfg.architecture != "eoir":
-        raise InputError("--distill-from: distillation is implemented for EOIR training")
     teacher = resolve_model(cfg.distill_from)
     spacing = list(teacher.working_spacing)
     if spacing != [float(s) for s in cfg.working_spacing_mm]:
         raise InputError(f"--distill-from {cfg.distill_from}: the teacher works at {spacing} mm, "
                          f"this run at {list(cfg.working_spacing_mm)} mm")
-    if ObjectiveConfig(**cfg.objective).distill_weight <= 0:
-        raise InputError("--distill-from needs a positive --distill-weight")
     model = teacher.model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -270,7 +274,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         extra = {k: pair[k] for k in ("moving_similarity",) if k in pair}
         if teacher is not None:
             with torch.no_grad():
-                extra["teacher_displacement"] = teacher(pair["fixed"], pair["moving_similarity"])
+                extra["teacher_displacement"] = teacher(
+                    pair["fixed"], pair.get("moving_similarity", pair["moving"]))
         terms = objective(model, pair["fixed"], pair["moving"], obj_cfg,
                           pair.get("fixed_labels"), pair.get("moving_labels"), **extra)
         if not torch.isfinite(terms.total):
