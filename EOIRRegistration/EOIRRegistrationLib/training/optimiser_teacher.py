@@ -3,7 +3,7 @@
 For each training pair it runs ``engine.optimise`` (LNCC) on the fixed image and the moving
 anatomy in the fixed image's contrast, on the training crop's own grid (the working spacing,
 identity direction), with the ``accurate`` preset's steps and smoothing for the two levels that
-grid holds: twice the working spacing, then the working spacing. Its field, in voxels of that
+grid holds: twice its coarsest spacing, then its finest. Its field, in voxels of that
 grid, array order (channel c along array axis c, ``warped(p) = moving(p + u(p))``), is the
 target the network's final displacement is pulled towards: a per-pair solution of the
 optimisation's own objective, a denser and steadier signal than the network's LNCC loss.
