@@ -33,17 +33,21 @@ class OptimisationTeacher:
         return geometry.Grid(tuple(int(s) for s in reversed(shape)), self.spacing, (0.0, 0.0, 0.0),
                              (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
-    def _one(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    def _one(self, fixed: torch.Tensor, moving: torch.Tensor, device: torch.device) -> torch.Tensor:
         grid = self._grid(fixed.shape[2:])
         fixed_at = lambda level, scale: optimise.image_at(fixed, grid, level, scale)  # noqa: E731
         moving_at = lambda level, scale: optimise.image_at(moving, grid, level, scale)  # noqa: E731
-        d_mm = optimise.optimise(fixed_at, moving_at, grid, self.schedule)
+        d_mm = optimise.optimise(fixed_at, moving_at, grid, self.schedule, device=device)
         return optimise.to_voxels(d_mm[None], grid)
 
     @torch.no_grad()
     def __call__(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D, H, W) each -> voxel displacement (B, 3, D, H, W) on ``fixed``'s grid."""
+        """(B, 1, D, H, W) each -> voxel displacement (B, 3, D, H, W) on ``fixed``'s grid.
+
+        The levels' images are prepared on the CPU (as ``engine.optimise`` expects) and optimised
+        on the training device, where the teacher costs least.
+        """
         device = fixed.device
-        out = [self._one(f[None].float().cpu(), m[None].float().cpu())
+        out = [self._one(f[None].float().cpu(), m[None].float().cpu(), device)
                for f, m in zip(fixed, moving)]
         return torch.cat(out).to(device)
