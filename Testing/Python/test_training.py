@@ -92,8 +92,53 @@ def test_batch_draws_that_many_pairs_per_step(tmp_path, capsys):
     card = modelfile.load_model(tmp_path / "b2" / "model.pt").card
     assert card["training_config"]["batch_size"] == 2
     assert train(tmp_path / "b0", "--iterations", 1, "--batch", 0) == 2
-    assert "batch size must be at least 1" in capsys.readouterr().err
+    assert "batch size must be a whole number of at least 1" in capsys.readouterr().err
     assert not (tmp_path / "b0").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iterations", -1], "iterations must be a whole number, 0 or more, got -1"),
+    (["--validate-every", 0], "validation interval must be a whole number of at least 1"),
+    (["--checkpoint-every", 0], "checkpoint interval must be a whole number of at least 1"),
+    (["--log-every", 0], "log interval must be a whole number of at least 1"),
+    (["--validation-pairs", 0], "validation pairs must be a whole number of at least 1"),
+    (["--shape", 30, 32, 32], "training crop [30, 32, 32] (--shape) does not suit the network: "
+                              "EOIR: array axis 0 has size 30, not a multiple of 4"),
+    (["--working-spacing", 0, 2, 2], "working spacing must be three positive sizes"),
+    (["--lr", 0], "learning rate must be positive, got 0.0"),
+    (["--reg-weight", -1], "regularization weight must be zero or more, got -1.0"),
+    (["--similarity", "none"], "only the Dice and distillation terms train the network"),
+])
+def test_settings_that_would_fail_part_way_are_refused_before_anything_is_written(
+        tmp_path, capsys, args, message):
+    # Each of these used to fail after log.csv was written (a zero interval: ZeroDivisionError,
+    # the crop: at the first step), or to train nothing and exit 0 (no term but the regularity).
+    assert train(tmp_path / "run", "--iterations", 1, *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_georeg_refuses_the_dice_only_objective_before_anything_is_written(tmp_path, capsys):
+    assert train_cli.main(["--output-dir", str(tmp_path / "run"), "--model", "georeg",
+                           "--similarity", "none", "--dice-weight", "1", "--shape", "32", "32", "32",
+                           "--iterations", "1", "--device", "cpu"]) == 2
+    assert "georeg trains with the similarity lncc or mse, not 'none'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_defaults_are_the_configurations_defaults():
+    from EOIRRegistrationLib.training.objectives import ObjectiveConfig
+    from EOIRRegistrationLib.training.trainer import TrainConfig
+    args = train_cli.parser().parse_args(["--output-dir", "x"])
+    cfg, objective = TrainConfig(output_dir="x"), ObjectiveConfig()
+    assert (args.data, args.model, tuple(args.shape), tuple(args.working_spacing)) == (
+        cfg.data, cfg.architecture, cfg.shape, cfg.working_spacing_mm)
+    assert (args.iterations, args.batch, args.lr, args.seed, args.device, args.name) == (
+        cfg.iterations, cfg.batch_size, cfg.learning_rate, cfg.seed, cfg.device, cfg.name)
+    assert (args.checkpoint_every, args.validate_every, args.validation_pairs, args.log_every) == (
+        cfg.checkpoint_every, cfg.validate_every, cfg.validation_pairs, cfg.log_every)
+    assert (args.similarity, args.reg_weight, args.dice_weight) == (
+        objective.similarity, objective.regularization_weight, objective.dice_weight)
 
 
 def test_a_batch_keeps_only_the_entries_all_its_pairs_have():

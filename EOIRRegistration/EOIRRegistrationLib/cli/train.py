@@ -10,6 +10,13 @@ from EOIRRegistrationLib.core.errors import EOIRError
 from EOIRRegistrationLib.engine.allocator import keep_freed_memory
 from EOIRRegistrationLib.engine.options import DEVICES
 from EOIRRegistrationLib.models import ARCHITECTURES
+from EOIRRegistrationLib.models.eoir import EOIRConfig
+from EOIRRegistrationLib.training.objectives import SIMILARITIES, ObjectiveConfig
+from EOIRRegistrationLib.training.trainer import TrainConfig
+
+# The defaults, spelt once: in the configuration classes the trainer takes.
+TRAIN = TrainConfig(output_dir="")
+OBJECTIVE = ObjectiveConfig()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,30 +24,37 @@ def parser() -> argparse.ArgumentParser:
         "Train an EOIR registration model on synthetic pairs (no data needed), a folder of "
         "images (label maps named *_seg* or *label*) or a Learn2Reg-style JSON."))
     p.add_argument("--output-dir", required=True, help="folder for checkpoint.pt, log.csv, model.pt")
-    p.add_argument("--data", default="synthetic",
+    p.add_argument("--data", default=TRAIN.data,
                    help="'synthetic', 'labelmaps:FOLDER' (SynthMorph-style pairs from label "
                         "maps), a folder of images, or a Learn2Reg JSON file")
-    p.add_argument("--model", default="eoir", choices=sorted(ARCHITECTURES), help="architecture")
+    p.add_argument("--model", default=TRAIN.architecture, choices=sorted(ARCHITECTURES), help="architecture")
     p.add_argument("--channels", type=int, default=None,
-                   help="EOIR encoder width Ns (paper: 32, 16, 8; default 8)")
-    p.add_argument("--levels", type=int, default=None, help="EOIR pyramid levels (default 5)")
+                   help="EOIR encoder width Ns (paper: 32, 16, 8; default "
+                        f"{TRAIN.model_config['channels']})")
+    p.add_argument("--levels", type=int, default=None,
+                   help=f"EOIR pyramid levels (default {EOIRConfig.levels})")
     p.add_argument("--model-config", default="{}",
                    help="JSON of further architecture options, e.g. '{\"composition\": \"add\"}'")
-    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64],
-                   help="training crop, array order D H W (multiples of 16)")
-    p.add_argument("--working-spacing", type=float, nargs=3, default=[2.0, 2.0, 2.0],
-                   help="mm (x y z) at which the model registers; stored in the model card")
-    p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=1,
+    p.add_argument("--shape", type=int, nargs=3, default=list(TRAIN.shape),
+                   help="training crop, array order D H W (multiples of 16; default: %(default)s)")
+    p.add_argument("--working-spacing", type=float, nargs=3, default=list(TRAIN.working_spacing_mm),
+                   help="mm (x y z) at which the model registers; stored in the model card (default: %(default)s)")
+    p.add_argument("--iterations", type=int, default=TRAIN.iterations,
+                   help="training steps (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=TRAIN.batch_size,
                    help="pairs per step, stacked into one batch (smoother gradients; memory and "
                         "time per step grow with it)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--poly-decay", action="store_true")
-    p.add_argument("--similarity", choices=["lncc", "mse", "none"], default="lncc",
+    p.add_argument("--lr", type=float, default=TRAIN.learning_rate,
+                   help="Adam (AMSGrad) learning rate (default: %(default)s)")
+    p.add_argument("--poly-decay", action="store_true",
+                   help="learning rate decays as (1 - step / iterations)^0.9")
+    p.add_argument("--similarity", choices=SIMILARITIES, default=OBJECTIVE.similarity,
                    help="image similarity; 'none' trains on the Dice term alone (use with "
                         "labelmaps: data, whose two images have independent contrasts)")
-    p.add_argument("--reg-weight", type=float, default=1.0, help="diffusion weight on velocities")
-    p.add_argument("--dice-weight", type=float, default=0.0, help="soft Dice weight (needs labels)")
+    p.add_argument("--reg-weight", type=float, default=OBJECTIVE.regularization_weight,
+                   help="diffusion weight on velocities (default: %(default)s)")
+    p.add_argument("--dice-weight", type=float, default=OBJECTIVE.dice_weight,
+                   help="soft Dice weight (needs labels; default: %(default)s)")
     p.add_argument("--dice-labels", choices=["all", "standard30", "standard27"], default="all",
                    help="labels of the Dice term and of validation: every label of the fixed map "
                         "(all), the 30 standard FreeSurfer brain structures (standard30), or the "
@@ -62,15 +76,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-weight", type=float, default=None,
                    help="weight of the distillation term (squared voxel distance to the teacher's "
                         "displacement; default 1); needs --distill-from")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--validate-every", type=int, default=250)
-    p.add_argument("--validation-pairs", type=int, default=4)
-    p.add_argument("--log-every", type=int, default=10, help="iterations between log rows")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--name", default="eoir-model", help="model name in the card")
-    p.add_argument("--description", default="", help="one-line description in the card")
+    p.add_argument("--checkpoint-every", type=int, default=TRAIN.checkpoint_every,
+                   help="iterations between checkpoints (default: %(default)s)")
+    p.add_argument("--validate-every", type=int, default=TRAIN.validate_every,
+                   help="iterations between validations (default: %(default)s)")
+    p.add_argument("--validation-pairs", type=int, default=TRAIN.validation_pairs,
+                   help="pairs drawn once for validation (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=TRAIN.log_every,
+                   help="iterations between log rows (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=TRAIN.seed, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default=TRAIN.device, choices=DEVICES)
+    p.add_argument("--threads", type=int, default=TRAIN.threads, help="CPU threads (default: torch's)")
+    p.add_argument("--name", default=TRAIN.name, help="model name in the card")
+    p.add_argument("--description", default=TRAIN.description, help="one-line description in the card")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="start again in a used folder")
@@ -82,12 +100,12 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     keep_freed_memory()
     from EOIRRegistrationLib.core.qa import STANDARD_30_LABELS, SYNTHSEG_COMPARABLE_LABELS
-    from EOIRRegistrationLib.training.trainer import TrainConfig, train
+    from EOIRRegistrationLib.training.trainer import train
     try:
         model_config = json.loads(args.model_config)
         if args.model == "eoir":
-            model_config.setdefault("channels", args.channels or 8)
-            model_config.setdefault("levels", args.levels or 5)
+            model_config.setdefault("channels", args.channels or TRAIN.model_config["channels"])
+            model_config.setdefault("levels", args.levels or EOIRConfig.levels)
         elif args.channels or args.levels:
             raise ValueError("--channels/--levels configure EOIR; give other architectures' "
                              "options with --model-config")

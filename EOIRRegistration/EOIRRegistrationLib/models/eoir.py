@@ -160,15 +160,22 @@ class EOIR(nn.Module):
         size = [s // f for s, f in zip(x.shape[2:], self._factors())]
         return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
+    def check_shape(self, shape) -> None:
+        """Raises ValueError where the network cannot take an input of this array shape (D, H, W)."""
+        m = self.size_multiple
+        for a in self.cfg.pyramid_axes:
+            if shape[a] % m:
+                raise ValueError(f"EOIR: array axis {a} has size {shape[a]}, not a "
+                                 f"multiple of {m}")
+
     def _check(self, fixed, moving):
         if fixed.dim() != 5 or fixed.shape[1] != 1 or fixed.shape != moving.shape:
             raise ValueError("EOIR expects fixed and moving of the same shape (B, 1, D, H, W), got "
                              f"{tuple(fixed.shape)} and {tuple(moving.shape)}")
-        m = self.size_multiple
-        for a in self.cfg.pyramid_axes:
-            if fixed.shape[2 + a] % m:
-                raise ValueError(f"EOIR: array axis {a} has size {fixed.shape[2 + a]}, not a "
-                                 f"multiple of {m} (pad the input)")
+        try:
+            self.check_shape(tuple(fixed.shape[2:]))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (pad the input)") from None
 
     def _run(self, fixed, moving, keep_levels: bool):
         self._check(fixed, moving)

@@ -173,15 +173,22 @@ class GeoReg(nn.Module):
         """Each input axis must be divisible by this."""
         return 2 ** (self.cfg.levels - 1)
 
+    def check_shape(self, shape) -> None:
+        """Raises ValueError where the network cannot take an input of this array shape (D, H, W)."""
+        m = self.size_multiple
+        for a in range(3):
+            if shape[a] % m:
+                raise ValueError(f"GeoReg: array axis {a} has size {shape[a]}, not a "
+                                 f"multiple of {m}")
+
     def _check(self, fixed, moving):
         if fixed.dim() != 5 or fixed.shape[1] != 1 or fixed.shape != moving.shape:
             raise ValueError("GeoReg expects fixed and moving of the same shape (B, 1, D, H, W), "
                              f"got {tuple(fixed.shape)} and {tuple(moving.shape)}")
-        m = self.size_multiple
-        for a in range(3):
-            if fixed.shape[2 + a] % m:
-                raise ValueError(f"GeoReg: array axis {a} has size {fixed.shape[2 + a]}, not a "
-                                 f"multiple of {m} (pad the input)")
+        try:
+            self.check_shape(tuple(fixed.shape[2:]))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (pad the input)") from None
 
     # -- helpers ------------------------------------------------------------------------------
     def _call(self, fn, *args):

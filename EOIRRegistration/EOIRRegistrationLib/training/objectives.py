@@ -18,10 +18,13 @@ import torch.nn.functional as F
 
 from EOIRRegistrationLib.core import losses, spatial
 
+#: image similarities of the objectives; "none": the Dice term alone (EOIR's objective only)
+SIMILARITIES = ("lncc", "mse", "none")
+
 
 @dataclass
 class ObjectiveConfig:
-    similarity: str = "lncc"            # "lncc", "mse", or "none" (Dice only)
+    similarity: str = "lncc"            # one of SIMILARITIES
     windows: tuple = (9, 7, 5, 3, 3)    # LNCC box window per level, finest first
     regularization: str = "l2"          # diffusion penalty on the velocity: "l2" or "l1"
     regularization_weight: float = 1.0

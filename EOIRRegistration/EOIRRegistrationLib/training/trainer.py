@@ -26,7 +26,7 @@ from EOIRRegistrationLib.engine.modelfile import atomic_torch_save, model_payloa
 from EOIRRegistrationLib.models import build_model
 from EOIRRegistrationLib.training import optimiser_teacher
 from EOIRRegistrationLib.training.data import FileSource, SyntheticSource
-from EOIRRegistrationLib.training.objectives import OBJECTIVES, ObjectiveConfig
+from EOIRRegistrationLib.training.objectives import OBJECTIVES, SIMILARITIES, ObjectiveConfig
 from EOIRRegistrationLib.training.synthetic import SyntheticConfig
 
 CHECKPOINT_FORMAT = "eoir-registration-checkpoint"
@@ -207,6 +207,37 @@ def _load_teacher(cfg: TrainConfig, source, device):
     return model
 
 
+def _check_settings(cfg: TrainConfig, obj: ObjectiveConfig) -> None:
+    """Refuses settings that would fail part-way or train nothing, before anything is written."""
+    if int(cfg.iterations) != cfg.iterations or cfg.iterations < 0:  # 0: the starting model, written
+        raise InputError(f"the iterations must be a whole number, 0 or more, got {cfg.iterations}")
+    counts = {"batch size": cfg.batch_size,
+              "checkpoint interval": cfg.checkpoint_every, "validation interval": cfg.validate_every,
+              "validation pairs": cfg.validation_pairs, "log interval": cfg.log_every}
+    for what, n in counts.items():
+        if int(n) != n or n < 1:
+            raise InputError(f"the {what} must be a whole number of at least 1, got {n}")
+    if len(cfg.shape) != 3 or any(int(n) != n or n < 1 for n in cfg.shape):
+        raise InputError(f"the training crop must be three sizes (D H W), got {list(cfg.shape)}")
+    if len(cfg.working_spacing_mm) != 3 or not all(0 < s < math.inf for s in cfg.working_spacing_mm):
+        raise InputError("the working spacing must be three positive sizes in mm (x y z), got "
+                         f"{list(cfg.working_spacing_mm)}")
+    if not 0 < cfg.learning_rate < math.inf:
+        raise InputError(f"the learning rate must be positive, got {cfg.learning_rate}")
+    if obj.similarity not in SIMILARITIES or (obj.similarity == "none" and cfg.architecture != "eoir"):
+        known = SIMILARITIES if cfg.architecture == "eoir" else tuple(s for s in SIMILARITIES if s != "none")
+        raise InputError(f"{cfg.architecture} trains with the similarity {' or '.join(known)}, "
+                         f"not {obj.similarity!r}")
+    weights = {"regularization": obj.regularization_weight, "Dice": obj.dice_weight,
+               "distillation": obj.distill_weight}
+    for what, w in weights.items():
+        if not 0 <= w < math.inf:
+            raise InputError(f"the {what} weight must be zero or more, got {w}")
+    if obj.similarity == "none" and obj.dice_weight <= 0 and obj.distill_weight <= 0:
+        raise InputError("with the similarity 'none' only the Dice and distillation terms train the "
+                         "network: give one a weight (--dice-weight, --distill-from)")
+
+
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
           stream=sys.stderr) -> Path:
     """Run training; returns the path of the final model file."""
@@ -215,8 +246,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     if ckpt_path.exists() and not (resume or overwrite):
         raise InputError(f"{out} already holds a training run; pass --resume to continue it or "
                          "--overwrite to start again")
-    if int(cfg.batch_size) < 1:
-        raise InputError(f"the batch size must be at least 1, got {cfg.batch_size}")
+    obj_cfg = ObjectiveConfig(**cfg.objective)
+    _check_settings(cfg, obj_cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -229,8 +260,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     if device.type == "cpu":
         # oneDNN's 3D convolution backward is several times faster in channels-last layout.
         model = model.to(memory_format=torch.channels_last_3d)
+    try:
+        model.check_shape(tuple(cfg.shape))
+    except ValueError as exc:
+        raise InputError(f"the training crop {list(cfg.shape)} (--shape) does not suit the network: "
+                         f"{exc}") from None
     objective = OBJECTIVES[cfg.architecture]
-    obj_cfg = ObjectiveConfig(**cfg.objective)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, amsgrad=True)
     # Data and teacher first: a refused source or teacher leaves the output folder untouched.
     source = make_source(cfg)
