@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from helpers import smooth_blobs
 
 from EOIRRegistrationLib.cli import batch, batch_pair
 from EOIRRegistrationLib.cli.batch_manifest import read_manifest
-from EOIRRegistrationLib.cli.batch_summary import flag_outliers
+from EOIRRegistrationLib.cli.batch_summary import flag_outliers, write_overview
 from EOIRRegistrationLib.core.errors import InputError
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "EOIRRegistration"
@@ -131,6 +132,14 @@ def test_workers_times_threads_never_exceed_the_cores():
         batch.plan_workers(2, 2, pairs=10, cores=2)
     with pytest.raises(InputError, match="--workers must be 1 or more"):
         batch.plan_workers(0, None, pairs=10, cores=2)
+
+
+def test_the_overview_of_a_batch_whose_every_pair_failed_is_drawn_without_warnings(tmp_path):
+    rows = [{"id": "b", "status": "failed", "outlier": ""}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warned of a legend with nothing in it
+        write_overview(tmp_path / "overview.png", rows)
+    assert (tmp_path / "overview.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_outliers_are_beyond_median_plus_minus_three_mad():

@@ -114,7 +114,8 @@ def write_overview(path, rows: list[dict], title: str = "") -> None:
                 ax.annotate(pair_id, (xi, value), fontsize=7, color="tab:red",
                             xytext=(4, 2), textcoords="offset points")
         ax.set_xlim(-0.6, 0.6)
-    axes[0].legend(fontsize=7, loc="lower left")
+    if axes[0].get_legend_handles_labels()[0]:  # nothing registered: no lines to name
+        axes[0].legend(fontsize=7, loc="lower left")
     note = f"{len(ok)} pairs registered, {len(failed)} failed"
     if failed:
         shown = ", ".join(r["id"] for r in failed[:12]) + (" ..." if len(failed) > 12 else "")
