@@ -121,6 +121,8 @@ def test_corrupt_truncated_and_foreign_files_give_clear_errors(saved_model, tmp_
         modelfile.load_model(foreign)
     with pytest.raises(ModelFileError, match="not found"):
         modelfile.load_model(tmp_path / "missing.pt")
+    with pytest.raises(ModelFileError, match="is a folder, not a model file"):
+        modelfile.load_model(tmp_path)
 
 
 def test_mismatched_weights_are_reported(saved_model, tmp_path):

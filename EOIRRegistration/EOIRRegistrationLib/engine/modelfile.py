@@ -88,6 +88,9 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, card: dict) -> N
 def read_payload(path: str | os.PathLike) -> dict:
     """Read a model or checkpoint file safely; any failure becomes a ModelFileError."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder, not a model file (a trained model is the "
+                             "model.pt in eoir-train's output folder)")
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     payload = _load_weights_only(path)
