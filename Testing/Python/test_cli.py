@@ -96,6 +96,36 @@ def test_existing_output_is_kept_without_overwrite(files, tmp_path, capsys):
     assert (out / "displacement.nii").exists()
 
 
+def test_an_input_named_like_an_output_in_the_folder_is_refused_even_with_overwrite(files, tmp_path,
+                                                                                  capsys):
+    # The swap replaces the folder's files of this command's names: such an input was lost.
+    out = tmp_path / "out"
+    out.mkdir()
+    inside = out / "warped.nii.gz"
+    inside.write_bytes(Path(files["fixed"]).read_bytes())
+    link = tmp_path / "link.nii.gz"
+    link.symlink_to(inside)
+    sitk.WriteTransform(sitk.TranslationTransform(3, (1.0, 0.0, 0.0)), str(out / "affine.tfm"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for argv, role in (([inside, files["moving"]], "fixed image"),
+                       ([files["fixed"], link], "moving image"),
+                       ([files["fixed"], files["moving"], "--moving-labels", inside], "moving label map"),
+                       ([files["fixed"], files["moving"], "--initial-transform", out / "affine.tfm"],
+                        "initial transform")):
+        assert run([*argv, "--output-dir", out, "--model", files["model"], "--quiet",
+                    "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"the {role} " in err and "a file this command writes: it would be replaced" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # the user's other files in the folder, inputs among them, are kept by a run
+    kept = out / "fixed_copy.nii.gz"
+    kept.write_bytes(Path(files["fixed"]).read_bytes())
+    inside.unlink()
+    assert run([kept, files["moving"], "--output-dir", out, "--model", files["model"], "--quiet",
+                "--overwrite", "--no-png"]) == 0
+    assert kept.read_bytes() == Path(files["fixed"]).read_bytes()
+
+
 def _bad_inputs(tmp_path, files):
     text = tmp_path / "notes.nii.gz"
     text.write_text("this is not an image")

@@ -157,10 +157,13 @@ def _link_or_copy(src, dst) -> None:
 class OutputFolder:
     """One run's claim on an output folder (see the module docstring)."""
 
-    def __init__(self, path, overwrite: bool, names):
+    def __init__(self, path, overwrite: bool, names, inputs: dict | None = None):
+        """inputs: what the run reads (role -> path or None): refused where a file it writes
+        would replace one of them."""
         out = Path(path)
         self.path = out.resolve() if out.is_symlink() else out.absolute()
         self.overwrite, self.names = overwrite, tuple(names)
+        self.inputs = {role: p for role, p in (inputs or {}).items() if p}
         self.committed = False
         self._lock = _LockFile(self.path.parent / f".{self.path.name}.eoir-lock")
         self._created: list[Path] = []
@@ -176,6 +179,7 @@ class OutputFolder:
         if out.is_dir() and (cwd == out.resolve() or out.resolve() in cwd.parents):
             raise InputError(f"--output-dir {out} holds the current folder; the outputs replace "
                              "the output folder as a whole: choose a folder of their own")
+        self._check_inputs()
         parent = out.parent
         while not parent.exists():
             self._created.append(parent)
@@ -226,6 +230,18 @@ class OutputFolder:
                 os.rename(entry, out)
             else:
                 shutil.rmtree(entry, ignore_errors=True)
+
+    def _check_inputs(self) -> None:
+        """An input named like an output in the folder would be lost with the swap (its entry is
+        not carried over): refused, also where a symbolic link leads there."""
+        ours = {self.path.resolve() / name for name in self.names}
+        for role, given in self.inputs.items():
+            path = Path(given).absolute()
+            for candidate in (path.parent.resolve() / path.name, path.resolve()):
+                if candidate in ours:
+                    raise InputError(f"the {role} {given} is {candidate.name} in the output folder, "
+                                     "a file this command writes: it would be replaced; choose "
+                                     "another --output-dir, or move the file")
 
     def _check(self) -> None:
         if not self.overwrite and self.path.is_dir() and any(self.path.iterdir()):

@@ -25,17 +25,23 @@ def register_files(fixed_path: str, moving_path: str, output_dir: str,
                    fixed_labels: str | None = None, png: bool = True, overwrite: bool = False,
                    progress=None, amend_report=None, extra_files: dict | None = None,
                    fixed_mask: str | None = None, moving_mask: str | None = None,
-                   loaded_model=None) -> dict:
+                   loaded_model=None, initial_transform_file: str | None = None) -> dict:
     """Claim the output folder, read, register, write; returns the report (also written to
     ``report.json``). ``amend_report(report, result)`` may change the report before it is
     written; ``extra_files`` (name -> writer(path)) are written with the outputs. Fixed labels
     give the Dice; with ``options.inverse`` they are also carried into the moving space (the
     inversion costs more than the registration on a brain: not done unasked). loaded_model: the
     ``LoadedModel`` of ``options.model`` when the caller already holds it (a cohort loads it once
-    per process, ``batch_pair.py``); None loads it here."""
+    per process, ``batch_pair.py``); None loads it here. initial_transform_file: the file the
+    caller read ``options.initial_transform`` from, so that no output replaces it. Every input
+    file named like an output in the output folder is refused before anything is read."""
     extra_files = dict(extra_files or {})
-    with OutputFolder(output_dir, overwrite,
-                      OUTPUT_FILES + FORMER_OUTPUT_FILES + tuple(extra_files)) as folder:
+    inputs = {"fixed image": fixed_path, "moving image": moving_path,
+              "moving label map": moving_labels, "fixed label map": fixed_labels,
+              "fixed mask": fixed_mask, "moving mask": moving_mask,
+              "initial transform": initial_transform_file}
+    with OutputFolder(output_dir, overwrite, OUTPUT_FILES + FORMER_OUTPUT_FILES + tuple(extra_files),
+                      inputs) as folder:
         return _register_and_write(folder, fixed_path, moving_path, options, moving_labels,
                                    fixed_labels, png, progress, amend_report, extra_files,
                                    (fixed_mask, moving_mask), loaded_model)

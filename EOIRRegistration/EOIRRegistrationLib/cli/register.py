@@ -163,6 +163,7 @@ def main(argv=None) -> int:
                                     moving_labels=args.moving_labels,
                                     fixed_labels=args.fixed_labels, fixed_mask=args.fixed_mask,
                                     moving_mask=args.moving_mask, png=not args.no_png,
+                                    initial_transform_file=args.initial_transform,
                                     overwrite=args.overwrite, progress=stderr_progress(args.quiet))
         except EOIRError as exc:
             print(f"eoir-register: error: {exc}", file=sys.stderr)
