@@ -6,6 +6,7 @@ import pytest
 import SimpleITK as sitk
 from helpers import affine_transform, mean_dice, smooth_blobs, write_tiny_model
 
+from EOIRRegistrationLib.core.errors import InputError
 from EOIRRegistrationLib.engine import alignment, modelfile
 from EOIRRegistrationLib.engine.pipeline import register
 
@@ -140,3 +141,14 @@ def test_one_extreme_voxel_steers_neither_the_alignment_nor_the_registration(tmp
     assert results[1].qa["folding_percent"] == 0
     # the warped output keeps the moving image's values (the voxel is not clamped there)
     assert float(sitk.GetArrayViewFromImage(results[1].warped).max()) > 1e20
+
+
+@pytest.mark.parametrize("method", ["auto", "rigid", "affine"])
+def test_a_fixed_image_too_small_for_the_search_is_named_as_the_cause(method):
+    # A 12 mm cube: its 3 mm coarse copy has 4x4x4 voxels, too few samples for ITK's mutual
+    # information (its error alone spoke of histogram spacings and of overlap).
+    moving, _ = smooth_blobs(seed=0, size=48, spacing=1.5)
+    fixed = sitk.RegionOfInterest(moving, (8, 8, 8), (20, 20, 20))
+    with pytest.raises(InputError, match=r"the fixed image's coarse copy \(4x4x4 voxels of 3 mm\) "
+                                         r"is too small for mutual information; start from --init none or com"):
+        alignment.choose_alignment(fixed, moving, method)

@@ -42,6 +42,9 @@ from EOIRRegistrationLib.engine.options import INITIAL_ALIGNMENTS
 # keeps 3 mm: at 4 mm a 80 mm phantom missed a 25 degree rotation by 5 degrees.
 COARSE_SPACING_BOUNDS_MM = (3.0, 4.0)
 COARSE_VOXELS = 64_000
+#: below this many voxels a coarse copy is named as the likely cause when ITK's search fails (a
+#: 12 mm cube's 4x4x4 copy failed: too few samples for the mutual information's histogram)
+FEW_COARSE_VOXELS = 1000
 SAMPLING = 0.25        # of the coarse grid's voxels, on a regular grid, for Mattes MI
 ALIGNED_TOLERANCE_MM = 2.0  # "auto": an affine moving nothing further is not worth applying
 # A plausible affine between two scans: adult heads differ in size by some 10-20 % per axis; a
@@ -220,8 +223,13 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
         with _one_itk_thread():
             return reg.Execute(fixed, moving)
     except RuntimeError as exc:
-        raise InputError(f"the initial linear alignment failed (the images may not overlap "
-                         f"enough): {str(exc).splitlines()[-1]}") from exc
+        small = [f"the {role} image's coarse copy ({'x'.join(map(str, image.GetSize()))} voxels of "
+                 f"{image.GetSpacing()[0]:g} mm)" for role, image in (("fixed", fixed), ("moving", moving))
+                 if np.prod(image.GetSize()) < FEW_COARSE_VOXELS]
+        why = (f"{' and '.join(small)} is too small for mutual information; start from --init "
+               "none or com" if small else "the images may not overlap enough")
+        raise InputError(f"the initial linear alignment failed ({why}): "
+                         f"{str(exc).splitlines()[-1]}") from exc
 
 
 def _mutual_information_cost(f: sitk.Image, m: sitk.Image, a: np.ndarray, seed: int,
