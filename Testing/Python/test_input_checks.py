@@ -94,6 +94,25 @@ def test_images_that_do_not_overlap_are_refused_before_any_work(pair, zero_model
     assert "registering" not in stages and "refining" not in stages
 
 
+def test_a_sheared_grid_is_refused_and_a_rounded_rotation_kept(pair, zero_model, tmp_path):
+    fixed, moving, _, _ = pair
+    sheared = sitk.Image(fixed)
+    sheared.SetDirection((1.0, 0.3, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # det 1, not a rotation
+    # why: the NIfTI writer turns the direction into a rotation, so the outputs, written on the
+    # fixed grid, would lie elsewhere (this run used to exit 0 with them)
+    sitk.WriteImage(sheared, str(tmp_path / "sheared.nii.gz"))
+    written = sitk.ReadImage(str(tmp_path / "sheared.nii.gz"))
+    assert not np.allclose(written.GetDirection(), sheared.GetDirection(), atol=0.01)
+    for images, role in (((sheared, moving), "fixed image"), ((fixed, sheared), "moving image")):
+        with pytest.raises(InputError, match=f"{role} has a direction matrix whose axes are not "
+                                             r"orthonormal \(D\^T D differs from the identity by 0.3"):
+            register(*images, model=zero_model, initial_alignment="none")
+    rounded = sitk.Image(fixed)  # a rotation stored with 6 digits, as image headers do
+    c, s = np.cos(0.3), np.sin(0.3)
+    rounded.SetDirection(tuple(np.round([c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0], 6)))
+    assert checks.check_image(rounded, "fixed image") is rounded
+
+
 def test_a_partial_overlap_is_a_warning_in_the_result(pair, zero_model, tmp_path):
     fixed, moving, _, _ = pair
     half = _moved(moving, (40.0, 0.0, 0.0))  # 64 mm wide images, 40 mm apart

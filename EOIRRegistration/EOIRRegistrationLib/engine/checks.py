@@ -2,9 +2,10 @@
 would spoil, so that the command line, the Python API and Slicer all get them.
 
 Each refuses, with the reason, an input that would give a wrong answer without any error: NaN
-or infinite voxels, a constant image, label maps with fractional values (rounding merges 1.5 and
-2.5 into 2), images that do not overlap in physical space (the warped image would be all zeros
-and the deformation computed from a blank image), labels outside the images they belong to. A
+or infinite voxels, a constant image, a sheared grid (NIfTI outputs on it would lie elsewhere),
+label maps with fractional values (rounding merges 1.5 and 2.5 into 2), images that do not
+overlap in physical space (the warped image would be all zeros and the deformation computed from
+a blank image), labels outside the images they belong to. A
 partial overlap is allowed but returned as a warning, which the result carries
 (``RegistrationResult.warnings``) and the front ends show.
 
@@ -23,6 +24,8 @@ from EOIRRegistrationLib.core.geometry import Grid
 PARTIAL_OVERLAP = 0.5
 _SAMPLES_PER_AXIS = 32     # the overlap is measured on a lattice of at most 32^3 points
 _MAX_LABEL_SAMPLES = 100_000
+#: largest entry of |D^T D - I| taken as orthonormal (direction cosines stored with 6-7 digits)
+DIRECTION_TOLERANCE = 1e-3
 
 
 def check_image(image, role: str, labels: bool = False) -> sitk.Image:
@@ -39,8 +42,15 @@ def check_image(image, role: str, labels: bool = False) -> sitk.Image:
         raise InputError(f"{role} has size {image.GetSize()}; every axis needs at least 2 voxels")
     if min(image.GetSpacing()) <= 0:
         raise InputError(f"{role} has non-positive spacing {image.GetSpacing()}")
-    if abs(abs(np.linalg.det(np.reshape(image.GetDirection(), (3, 3)))) - 1) > 1e-3:
-        raise InputError(f"{role} has a direction matrix that is not a rotation/reflection")
+    direction = np.reshape(image.GetDirection(), (3, 3))
+    off = float(np.abs(direction.T @ direction - np.eye(3)).max())
+    if off > DIRECTION_TOLERANCE:
+        # A sheared grid (det 1 all the same) or scaled axes: the NIfTI writer makes the outputs'
+        # direction a rotation, so they would lie on another grid than the fixed image.
+        raise InputError(f"{role} has a direction matrix whose axes are not orthonormal (D^T D "
+                         f"differs from the identity by {off:.3g}: a sheared or scaled grid), which "
+                         "NIfTI outputs cannot hold (their direction is a rotation); resample it "
+                         "onto an orthonormal grid first")
     arr = sitk.GetArrayViewFromImage(image)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InputError(f"{role} contains NaN or infinite values "
