@@ -254,17 +254,17 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.architecture, cfg.model_config)
+    try:
+        model.check_shape(tuple(cfg.shape))
+    except ValueError as exc:
+        raise InputError(f"the training crop {list(cfg.shape)} (--shape) does not suit the network: "
+                         f"{exc}") from None
     if cfg.init_from and not (resume and ckpt_path.exists()):
         _load_initial_weights(model, cfg)
     model = model.to(device)
     if device.type == "cpu":
         # oneDNN's 3D convolution backward is several times faster in channels-last layout.
         model = model.to(memory_format=torch.channels_last_3d)
-    try:
-        model.check_shape(tuple(cfg.shape))
-    except ValueError as exc:
-        raise InputError(f"the training crop {list(cfg.shape)} (--shape) does not suit the network: "
-                         f"{exc}") from None
     objective = OBJECTIVES[cfg.architecture]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, amsgrad=True)
     # Data and teacher first: a refused source or teacher leaves the output folder untouched.
