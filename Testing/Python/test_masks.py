@@ -97,3 +97,28 @@ def test_empty_or_bad_masks_are_refused():
         register(pair.fixed, pair.moving, moving_mask=empty)
     with pytest.raises(InputError, match="fixed mask is 2D"):
         register(pair.fixed, pair.moving, fixed_mask=sitk.Image(8, 8, sitk.sitkUInt8) + 1)
+
+
+def test_masks_off_their_image_or_too_small_for_the_alignment_are_refused_with_the_reason():
+    # Each used to end in a traceback from ITK ("Total Mass of the image was zero") or in its
+    # words about sample sets and overlap.
+    pair = make_phantom_pair(seed=1, velocity=0.0, shape=(40, 48, 48), spacing=(2.0, 2.0, 2.5))
+    one = np.zeros(sitk.GetArrayViewFromImage(pair.fixed).shape, np.uint8)
+    one[20, 24, 24] = 1
+    one_voxel = _image(one, pair.fixed)
+    far = sitk.Image(one_voxel)
+    far.SetOrigin(tuple(np.add(one_voxel.GetOrigin(), (1000.0, 0.0, 0.0))))
+    for role in ("fixed", "moving"):
+        with pytest.raises(InputError, match=f"no labelled voxel of the {role} mask lies inside the "
+                                             f"{role} image's field of view"):
+            register(pair.fixed, pair.moving, **{f"{role}_mask": far})
+        for init in ("auto", "rigid", "affine"):
+            with pytest.raises(InputError, match=f"the {role} mask covers [01] voxels of the "
+                                                 r"[0-9.]+ mm grid the initial alignment searches on"):
+                register(pair.fixed, pair.moving, initial_alignment=init, **{f"{role}_mask": one_voxel})
+    # the centre of mass (--init com) of a mask on the background: no intensity to weigh
+    background = np.zeros_like(one)
+    background[sitk.GetArrayViewFromImage(pair.fixed) == 0] = 1
+    assert background.any()
+    with pytest.raises(InputError, match="found no intensity inside the masks"):
+        alignment.center_of_mass_matrix(pair.fixed, pair.moving, (_image(background, pair.fixed), None))

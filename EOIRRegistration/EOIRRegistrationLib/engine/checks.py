@@ -143,7 +143,7 @@ def check_labels_on(labels: sitk.Image, image: sitk.Image, role: str, image_role
     where = f"the {image_role}'s field of view{f' {how}' if how else ''}"
     if covered == 0:
         raise InputError(f"no labelled voxel of the {role} lies inside {where}: check that the "
-                         "labels belong to that image (same origin, spacing and direction)")
+                         f"{role} belongs to that image (same origin, spacing and direction)")
     if covered < PARTIAL_OVERLAP:
         return [f"only {_percent(covered)} of the {role}'s labelled voxels lie inside {where}"]
     return []

@@ -221,9 +221,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
                                            "moving image")
     if fixed_labels is not None:
         check_image(fixed_labels, "fixed label map", labels=True)
-    for mask, role in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
+    for mask, role, image, image_role in ((fixed_mask, "fixed mask", fixed, "fixed image"),
+                                          (moving_mask, "moving mask", moving, "moving image")):
         if mask is not None:
             masks.check_mask(check_image(mask, role, labels=True), role)
+            # off its image it would leave nothing to match (ITK's alignment raised on it)
+            warnings += checks.check_labels_on(mask, image, role, image_role)
     threads = torch.get_num_threads()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
