@@ -141,6 +141,34 @@ def test_the_command_line_defaults_are_the_configurations_defaults():
         objective.similarity, objective.regularization_weight, objective.dice_weight)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("{not json", "is not a readable JSON file"),
+    ("[1, 2]", 'a Learn2Reg JSON lists "training"'),
+    ({"training": [{"fixed": "imgs/case0.nii.gz"}]}, 'training entry 1 has no "image"'),
+    ({"training": [{"image": "imgs/case0.nii.gz"}, {"image": "imgs/gone.nii.gz"}]},
+     "1 of the files it lists do not exist, e.g. "),
+    ({"training": [{"image": f"imgs/case{i}.nii.gz"} for i in range(2)],
+      "training_paired_images": [{"fixed": "imgs/case0.nii.gz"}]}, 'training pair 1 needs "fixed"'),
+    ({"training": [{"image": f"imgs/case{i}.nii.gz"} for i in range(2)],
+      "training_paired_images": [{"fixed": "imgs/case0.nii.gz", "moving": "imgs/case2.nii.gz"}]},
+     'which is not among its "training" images'),  # was dropped silently: random pairs instead
+])
+def test_a_learn2reg_json_training_would_trip_over_is_refused_before_anything_is_written(
+        tmp_path, capsys, spec, message):
+    # These raised KeyError or JSONDecodeError, or failed at the first step that read a listed file.
+    _write_images(tmp_path / "imgs")
+    (tmp_path / "dataset.json").write_text(spec if isinstance(spec, str) else json.dumps(spec))
+    assert train(tmp_path / "run", "--data", tmp_path / "dataset.json", "--iterations", 1) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_labelmaps_folder_that_is_not_there_is_refused(tmp_path, capsys):
+    assert train(tmp_path / "run", "--data", f"labelmaps:{tmp_path / 'nothere'}", "--iterations", 1) == 2
+    assert "is not a folder (of label maps" in capsys.readouterr().err  # was FileNotFoundError
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_batch_keeps_only_the_entries_all_its_pairs_have():
     from EOIRRegistrationLib.training.trainer import _stack
 

@@ -54,18 +54,43 @@ def entries_from(path: str | Path) -> tuple[list[dict], list[tuple[int, int]]]:
             entries.append({"image": str(img), **({"label": str(match[0])} if match else {})})
         return entries, []
     if path.suffix == ".json":
-        spec = json.loads(path.read_text())
-        root = path.parent
-        entries = [{k: str((root / v).resolve()) for k, v in e.items() if k in ("image", "label")}
-                   for e in spec.get("training", [])]
-        index = {e["image"]: i for i, e in enumerate(entries)}
-        pairs = []
-        for p in spec.get("training_paired_images", []):
-            f, m = str((root / p["fixed"]).resolve()), str((root / p["moving"]).resolve())
-            if f in index and m in index:
-                pairs.append((index[f], index[m]))
-        return entries, pairs
+        return _learn2reg_entries(path)
     raise InputError(f"training data must be a folder of images or a Learn2Reg JSON file: {path}")
+
+
+def _learn2reg_entries(path: Path) -> tuple[list[dict], list[tuple[int, int]]]:
+    """``entries_from`` for a Learn2Reg-style JSON; refuses what training would trip over later
+    (a missing file, an entry without its image, a pair of images not listed for training)."""
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable JSON file: {exc}") from exc
+    layout = ('a Learn2Reg JSON lists "training": [{"image": ..., "label": ...}, ...] and, '
+              'optionally, "training_paired_images": [{"fixed": ..., "moving": ...}, ...]')
+    if not isinstance(spec, dict) or not isinstance(spec.get("training", []), list) \
+            or not isinstance(spec.get("training_paired_images", []), list):
+        raise InputError(f"{path}: {layout}")
+    root = path.parent
+    entries = []
+    for n, e in enumerate(spec.get("training", []), 1):
+        if not isinstance(e, dict) or not isinstance(e.get("image"), str):
+            raise InputError(f'{path}: training entry {n} has no "image"; {layout}')
+        entries.append({k: str((root / v).resolve()) for k, v in e.items() if k in ("image", "label")})
+    missing = [f for e in entries for f in e.values() if not Path(f).is_file()]
+    if missing:
+        raise InputError(f"{path}: {len(missing)} of the files it lists do not exist, e.g. {missing[0]}")
+    index = {e["image"]: i for i, e in enumerate(entries)}
+    pairs = []
+    for n, p in enumerate(spec.get("training_paired_images", []), 1):
+        if not isinstance(p, dict) or not all(isinstance(p.get(k), str) for k in ("fixed", "moving")):
+            raise InputError(f'{path}: training pair {n} needs "fixed" and "moving"; {layout}')
+        f, m = str((root / p["fixed"]).resolve()), str((root / p["moving"]).resolve())
+        for image in (f, m):
+            if image not in index:
+                raise InputError(f'{path}: training pair {n} names {image}, which is not among '
+                                 'its "training" images')
+        pairs.append((index[f], index[m]))
+    return entries, pairs
 
 
 class FileSource:

@@ -72,6 +72,8 @@ class LabelMapSource:
                  synthetic: SyntheticConfig | None = None, max_maps: int | None = None,
                  same_contrast_probability: float = 0.0,
                  zero_background_probability: float = 0.0):
+        if not Path(folder).is_dir():
+            raise InputError(f"labelmaps: {folder} is not a folder (of label maps, *.nii.gz)")
         files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".nii.gz", ".nii")))
         if max_maps:
             files = files[:max_maps]
