@@ -163,6 +163,23 @@ def test_a_learn2reg_json_training_would_trip_over_is_refused_before_anything_is
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("name, write, message", [
+    ("case9.nii.gz", lambda path: path.write_text("not an image"), "is not an image file ITK can read"),
+    ("case9.nii.gz", lambda path: sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(path)),
+     "(image) is 2D with 1 components per voxel; training needs 3D scalar volumes"),
+    ("case0_seg.nii.gz", lambda path: path.write_bytes(b"\x1f\x8b broken"), "is not an image file"),
+])
+def test_a_file_in_the_training_folder_that_cannot_train_is_refused_before_anything_is_written(
+        tmp_path, capsys, name, write, message):
+    # Files were read only when a step drew them: a traceback after log.csv was written.
+    _write_images(tmp_path / "imgs")
+    write(tmp_path / "imgs" / name)
+    assert train(tmp_path / "run", "--data", tmp_path / "imgs", "--iterations", 1) == 2
+    err = capsys.readouterr().err
+    assert f"training data: {tmp_path / 'imgs' / name}" in err and message in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_labelmaps_folder_that_is_not_there_is_refused(tmp_path, capsys):
     assert train(tmp_path / "run", "--data", f"labelmaps:{tmp_path / 'nothere'}", "--iterations", 1) == 2
     assert "is not a folder (of label maps" in capsys.readouterr().err  # was FileNotFoundError

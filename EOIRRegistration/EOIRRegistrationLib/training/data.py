@@ -93,12 +93,37 @@ def _learn2reg_entries(path: Path) -> tuple[list[dict], list[tuple[int, int]]]:
     return entries, pairs
 
 
+def _check_header(path: str, role: str) -> None:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"training data: {path} is not an image file ITK can read") from exc
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        raise InputError(f"training data: {path} ({role}) is {reader.GetDimension()}D with "
+                         f"{reader.GetNumberOfComponents()} components per voxel; training needs 3D "
+                         "scalar volumes")
+
+
+def _read(path: str) -> sitk.Image:
+    """A listed file, read whole during training (its header was checked before)."""
+    try:
+        return sitk.ReadImage(path)
+    except RuntimeError as exc:
+        raise InputError(f"training data: cannot read {path} ({str(exc).strip().splitlines()[-1]}); "
+                         "mend or remove it, then --resume") from exc
+
+
 class FileSource:
     def __init__(self, path, shape=(96, 96, 96), spacing=(2.0, 2.0, 2.0),
                  normalization=DEFAULT_NORMALIZATION):
         self.entries, self.pairs = entries_from(path)
         if len(self.entries) < 2 and not self.pairs:
             raise InputError(f"{path}: need at least two images to make training pairs")
+        for entry in self.entries:  # headers only: a file that cannot train fails here, not mid-run
+            for role, file in entry.items():
+                _check_header(file, role)
         self.shape, self.spacing, self.normalization = tuple(shape), tuple(spacing), normalization
         self.path = str(path)
 
@@ -113,13 +138,13 @@ class FileSource:
         return geometry.Grid(size, self.spacing, tuple(origin), ref.direction)
 
     def _load(self, entry: dict, grid: geometry.Grid):
-        image = sitk.ReadImage(entry["image"])
+        image = _read(entry["image"])
         raw = geometry.image_to_tensor(image)
         img = geometry.sample_through_like_itk(raw, geometry.Grid.from_image(image), grid)
         img = normalize(img, window_of(raw, self.normalization))
         labels = None
         if "label" in entry:
-            lab = sitk.ReadImage(entry["label"])
+            lab = _read(entry["label"])
             labels = geometry.sample_through_like_itk(
                 geometry.image_to_tensor(lab), geometry.Grid.from_image(lab), grid,
                 mode="nearest").round().long()
@@ -130,7 +155,7 @@ class FileSource:
             fi, mi = self.pairs[int(torch.randint(len(self.pairs), (1,), generator=gen))]
         else:
             fi, mi = torch.randperm(len(self.entries), generator=gen)[:2].tolist()
-        grid = self._grid(sitk.ReadImage(self.entries[fi]["image"]))
+        grid = self._grid(_read(self.entries[fi]["image"]))
         fixed, fixed_labels = self._load(self.entries[fi], grid)
         moving, moving_labels = self._load(self.entries[mi], grid)
         pair = {"fixed": fixed, "moving": moving}
