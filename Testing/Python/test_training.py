@@ -180,9 +180,13 @@ def test_a_file_in_the_training_folder_that_cannot_train_is_refused_before_anyth
     assert not (tmp_path / "run").exists()
 
 
-def test_a_labelmaps_folder_that_is_not_there_is_refused(tmp_path, capsys):
+def test_a_labelmaps_folder_that_is_not_there_or_holds_a_broken_file_is_refused(tmp_path, capsys):
     assert train(tmp_path / "run", "--data", f"labelmaps:{tmp_path / 'nothere'}", "--iterations", 1) == 2
     assert "is not a folder (of label maps" in capsys.readouterr().err  # was FileNotFoundError
+    _write_images(tmp_path / "maps")
+    (tmp_path / "maps" / "zz.nii.gz").write_text("not an image")  # was ITK's RuntimeError
+    assert train(tmp_path / "run", "--data", f"labelmaps:{tmp_path / 'maps'}", "--iterations", 1) == 2
+    assert f"labelmaps: {tmp_path / 'maps' / 'zz.nii.gz'} is not an image file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -97,7 +97,14 @@ class LabelMapSource:
     def _load_aligned(self, files) -> list[torch.Tensor]:
         maps = []
         for path in files:
-            image = sitk.ReadImage(str(path))
+            try:
+                image = sitk.ReadImage(str(path))
+            except RuntimeError as exc:
+                raise InputError(f"labelmaps: {path} is not an image file ITK can read") from exc
+            if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+                raise InputError(f"labelmaps: {path} is {image.GetDimension()}D with "
+                                 f"{image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                                 "label maps are 3D scalar volumes")
             grid = geometry.Grid.from_image(image)
             # Resample to the working spacing in the map's own frame (nearest neighbour).
             size = [int(round(n * s / self.spacing)) for n, s in zip(grid.size, grid.spacing)]
