@@ -113,6 +113,18 @@ def test_a_sheared_grid_is_refused_and_a_rounded_rotation_kept(pair, zero_model,
     assert checks.check_image(rounded, "fixed image") is rounded
 
 
+def test_an_intensity_window_outside_an_images_intensities_is_refused(pair, zero_model):
+    # Clamped to such a window the image is constant: the run registered a blank image, exit 0.
+    fixed, moving, _, _ = pair
+    high = float(sitk.GetArrayViewFromImage(moving).max())
+    for window, role in ((((5000.0, 6000.0), (0.0, 1.0)), "fixed"), (((0.0, 1.0), (-3.0, -1.0)), "moving")):
+        with pytest.raises(InputError, match=f"the {role} image's intensity window .* lies outside its "
+                                             "intensities .*: the image would be constant"):
+            register(fixed, moving, model=zero_model, initial_alignment="none", intensity_window=window)
+    register(fixed, moving, model=zero_model, initial_alignment="none", refine_iterations=0,
+             intensity_window=((0.0, 1.0), (0.5 * high, 2 * high)))  # overlapping windows are taken
+
+
 def test_a_partial_overlap_is_a_warning_in_the_result(pair, zero_model, tmp_path):
     fixed, moving, _, _ = pair
     half = _moved(moving, (40.0, 0.0, 0.0))  # 64 mm wide images, 40 mm apart

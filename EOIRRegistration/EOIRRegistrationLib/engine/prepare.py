@@ -76,6 +76,11 @@ def prepare(fixed, moving, options, loaded, spacing, level_scales=()) -> Prepare
         if not window[1] > window[0]:
             raise InputError(f"the {role} image's intensity window {window} is empty (high must "
                              "exceed low); most voxels may share one value")
+        low, high = float(values.min()), float(values.max())
+        if window[1] <= low or window[0] >= high:  # clamped to it, the image would be constant
+            raise InputError(f"the {role} image's intensity window ({window[0]:g}, {window[1]:g}) "
+                             f"lies outside its intensities ({low:g} to {high:g}): the image "
+                             "would be constant, nothing to register; check the window's units")
         windows.append(window)
     # Outliers clamped for the registration; the warped output keeps the moving image's values.
     fixed_t = clamped(fixed_t, windows[0], inplace=True)
