@@ -122,6 +122,14 @@ def test_a_bad_manifest_is_one_clear_error_and_writes_nothing(tmp_path, capsys, 
     assert not out.exists()
 
 
+def test_negative_retries_are_refused_and_write_nothing(tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,fixed,moving\na,f.nii.gz,m.nii.gz\n")
+    assert batch.main([str(manifest), "--output-dir", str(tmp_path / "out"), "--retries", "-1"]) == 2
+    assert "--retries must be 0 or more, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_workers_times_threads_never_exceed_the_cores():
     assert batch.plan_workers(None, None, pairs=100, cores=2) == (1, 2)
     assert batch.plan_workers(None, None, pairs=100, cores=16) == (4, 4)

@@ -190,6 +190,8 @@ def main(argv=None) -> int:
                               args.fixed_labels)
         if out.exists() and not out.is_dir():
             raise InputError(f"--output-dir {out} exists and is not a folder")
+        if args.retries < 0:
+            raise InputError(f"--retries must be 0 or more, got {args.retries}")
         png = not args.no_png
         keys = {p.id: resume_key(p, options, png) for p in pairs}
         rows, todo = {}, []
