@@ -46,8 +46,9 @@ COARSE_VOXELS = 64_000
 #: 12 mm cube's 4x4x4 copy failed: too few samples for the mutual information's histogram)
 FEW_COARSE_VOXELS = 1000
 #: fewest voxels of its coarse copy a mask must cover for the search (the mutual information
-#: samples a share of them; a one-voxel mask covered none and ITK raised)
-MIN_MASKED_COARSE_VOXELS = 100
+#: samples a share of them; a one-voxel mask covered none and ITK raised, as it did for a 9 mm
+#: cube's 12 voxels, while a 12 mm cube's 48 ran)
+MIN_MASKED_COARSE_VOXELS = 32
 SAMPLING = 0.25        # of the coarse grid's voxels, on a regular grid, for Mattes MI
 ALIGNED_TOLERANCE_MM = 2.0  # "auto": an affine moving nothing further is not worth applying
 # A plausible affine between two scans: adult heads differ in size by some 10-20 % per axis; a
@@ -255,7 +256,8 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
                  f"{image.GetSpacing()[0]:g} mm)" for role, image in (("fixed", fixed), ("moving", moving))
                  if np.prod(image.GetSize()) < FEW_COARSE_VOXELS]
         why = (f"{' and '.join(small)} is too small for mutual information; start from --init "
-               "none or com" if small else "the images may not overlap enough")
+               "none or com" if small else "the masks may leave too few voxels to compare"
+               if masks[0] is not None or masks[1] is not None else "the images may not overlap enough")
         raise InputError(f"the initial linear alignment failed ({why}): "
                          f"{str(exc).splitlines()[-1]}") from exc
 
