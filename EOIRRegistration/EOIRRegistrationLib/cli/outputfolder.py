@@ -232,14 +232,16 @@ class OutputFolder:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def _check_inputs(self) -> None:
-        """An input named like an output in the folder would be lost with the swap (its entry is
-        not carried over): refused, also where a symbolic link leads there."""
-        ours = {self.path.resolve() / name for name in self.names}
+        """An input that is one of the folder's files of this command's names would be lost with
+        the swap (those entries are not carried over): refused. ``samefile`` also sees it through
+        a symbolic link and under another letter case (macOS and Windows file systems)."""
+        ours = [self.path / name for name in self.names if (self.path / name).exists()]
         for role, given in self.inputs.items():
-            path = Path(given).absolute()
-            for candidate in (path.parent.resolve() / path.name, path.resolve()):
-                if candidate in ours:
-                    raise InputError(f"the {role} {given} is {candidate.name} in the output folder, "
+            if not os.path.exists(given):
+                continue  # reading it says so
+            for target in ours:
+                if os.path.samefile(given, target):
+                    raise InputError(f"the {role} {given} is {target.name} in the output folder, "
                                      "a file this command writes: it would be replaced; choose "
                                      "another --output-dir, or move the file")
 
