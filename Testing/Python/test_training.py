@@ -145,6 +145,7 @@ def test_the_command_line_defaults_are_the_configurations_defaults():
     ("{not json", "is not a readable JSON file"),
     ("[1, 2]", 'a Learn2Reg JSON lists "training"'),
     ({"training": [{"fixed": "imgs/case0.nii.gz"}]}, 'training entry 1 has no "image"'),
+    ({"training": [{"image": "imgs/case0.nii.gz", "label": None}]}, 'has a "label" that is not a file'),
     ({"training": [{"image": "imgs/case0.nii.gz"}, {"image": "imgs/gone.nii.gz"}]},
      "1 of the files it lists do not exist, e.g. "),
     ({"training": [{"image": f"imgs/case{i}.nii.gz"} for i in range(2)],

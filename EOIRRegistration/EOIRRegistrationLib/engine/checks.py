@@ -5,9 +5,9 @@ Each refuses, with the reason, an input that would give a wrong answer without a
 or infinite voxels, a constant image, a sheared grid (NIfTI outputs on it would lie elsewhere),
 label maps with fractional values (rounding merges 1.5 and 2.5 into 2), images that do not
 overlap in physical space (the warped image would be all zeros and the deformation computed from
-a blank image), labels outside the images they belong to. A
-partial overlap is allowed but returned as a warning, which the result carries
-(``RegistrationResult.warnings``) and the front ends show.
+a blank image), labels or masks outside the images they belong to. A partial overlap is allowed
+but returned as a warning, which the result carries (``RegistrationResult.warnings``) and the
+front ends show.
 
 Geometry: points in LPS mm; ``a`` is the initial 4x4 matrix, fixed point -> moving point.
 """

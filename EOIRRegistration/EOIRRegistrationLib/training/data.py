@@ -75,6 +75,8 @@ def _learn2reg_entries(path: Path) -> tuple[list[dict], list[tuple[int, int]]]:
     for n, e in enumerate(spec.get("training", []), 1):
         if not isinstance(e, dict) or not isinstance(e.get("image"), str):
             raise InputError(f'{path}: training entry {n} has no "image"; {layout}')
+        if not isinstance(e.get("label", ""), str):
+            raise InputError(f'{path}: training entry {n} has a "label" that is not a file name')
         entries.append({k: str((root / v).resolve()) for k, v in e.items() if k in ("image", "label")})
     missing = [f for e in entries for f in e.values() if not Path(f).is_file()]
     if missing:
