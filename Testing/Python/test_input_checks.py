@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from helpers import smooth_blobs, write_tiny_model
 
 from EOIRRegistrationLib.cli import register as register_cli
-from EOIRRegistrationLib.cli.nifti_data import data_problem
 from EOIRRegistrationLib.core.errors import InputError
+from EOIRRegistrationLib.core.nifti_data import data_problem
 from EOIRRegistrationLib.engine import checks
 from EOIRRegistrationLib.engine.pipeline import register
 from EOIRRegistrationLib.engine.result import RegistrationResult

@@ -181,6 +181,20 @@ def test_a_file_in_the_training_folder_that_cannot_train_is_refused_before_anyth
     assert not (tmp_path / "run").exists()
 
 
+def test_a_truncated_nifti_training_image_is_named_when_first_drawn_not_trained_on_as_zeros(
+        tmp_path, capsys):
+    # ITK's NIfTI reader fills the missing half with zeros, without an error.
+    _write_images(tmp_path / "imgs", n=2)  # two images: every pair draws both
+    path = tmp_path / "imgs" / "case1.nii"
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "imgs" / "case1.nii.gz")), str(path))
+    (tmp_path / "imgs" / "case1.nii.gz").unlink()
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(path))).shape == (24, 28, 20)  # ITK: no error
+    assert train(tmp_path / "run", "--data", tmp_path / "imgs", "--iterations", 1) == 2
+    err = capsys.readouterr().err
+    assert f"training data: {path} is truncated" in err and "then --resume" in err
+
+
 def test_a_labelmaps_folder_that_is_not_there_or_holds_a_broken_file_is_refused(tmp_path, capsys):
     assert train(tmp_path / "run", "--data", f"labelmaps:{tmp_path / 'nothere'}", "--iterations", 1) == 2
     assert "is not a folder (of label maps" in capsys.readouterr().err  # was FileNotFoundError

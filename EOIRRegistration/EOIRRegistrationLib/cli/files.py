@@ -8,8 +8,8 @@ import shutil
 import struct
 import tempfile
 
-from EOIRRegistrationLib.cli.nifti_data import data_problem
 from EOIRRegistrationLib.core.errors import InputError
+from EOIRRegistrationLib.core.nifti_data import data_problem
 
 
 def read_image(path: str, role: str):

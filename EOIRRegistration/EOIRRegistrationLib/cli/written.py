@@ -15,8 +15,8 @@ import struct
 import zlib
 from pathlib import Path
 
-from EOIRRegistrationLib.cli.nifti_data import parse_header
 from EOIRRegistrationLib.core.errors import OutputError
+from EOIRRegistrationLib.core.nifti_data import parse_header
 
 
 def nifti_length(head: bytes) -> int:

@@ -17,6 +17,7 @@ import torch
 from EOIRRegistrationLib.core import geometry
 from EOIRRegistrationLib.core.errors import InputError
 from EOIRRegistrationLib.core.intensity import DEFAULT_NORMALIZATION, normalize, window_of
+from EOIRRegistrationLib.core.nifti_data import data_problem
 from EOIRRegistrationLib.training.synthetic import SyntheticConfig, synthetic_pair
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -108,8 +109,19 @@ def _check_header(path: str, role: str) -> None:
                          "scalar volumes")
 
 
+#: files whose NIfTI data block was checked (``nifti_data``), each once per process
+_CHECKED: set[str] = set()
+
+
 def _read(path: str) -> sitk.Image:
-    """A listed file, read whole during training (its header was checked before)."""
+    """A listed file, read whole during training (its header was checked before). A NIfTI file's
+    data block is checked the first time it is drawn: ITK's reader fills a truncated one with
+    zeros and reads NaN as 0, which training would learn from without an error."""
+    if path not in _CHECKED and path.lower().endswith((".nii", ".nii.gz", ".hdr", ".img")):
+        problem = data_problem(path)
+        if problem:
+            raise InputError(f"training data: {path} {problem}; mend or remove it, then --resume")
+        _CHECKED.add(path)
     try:
         return sitk.ReadImage(path)
     except RuntimeError as exc:
