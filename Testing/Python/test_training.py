@@ -203,6 +203,13 @@ def test_a_labelmaps_folder_that_is_not_there_or_holds_a_broken_file_is_refused(
     assert train(tmp_path / "run", "--data", f"labelmaps:{tmp_path / 'maps'}", "--iterations", 1) == 2
     assert f"labelmaps: {tmp_path / 'maps' / 'zz.nii.gz'} is not an image file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    (tmp_path / "maps" / "zz.nii.gz").unlink()
+    cut = tmp_path / "maps" / "zz.nii"  # ITK reads its missing half as label 0, without an error
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "maps" / "case0_seg.nii.gz")), str(cut))
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    assert train(tmp_path / "run", "--data", f"labelmaps:{tmp_path / 'maps'}", "--iterations", 1) == 2
+    assert f"labelmaps: {cut} is truncated" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_batch_keeps_only_the_entries_all_its_pairs_have():

@@ -96,15 +96,17 @@ def _learn2reg_entries(path: Path) -> tuple[list[dict], list[tuple[int, int]]]:
     return entries, pairs
 
 
-def _check_header(path: str, role: str) -> None:
+def check_header(path: str, role: str, source: str = "training data") -> None:
+    """Refuse, from its header alone, a file ITK cannot read or that is not a 3D scalar volume
+    (``source``: the data source the message names)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(f"training data: {path} is not an image file ITK can read") from exc
+        raise InputError(f"{source}: {path} is not an image file ITK can read") from exc
     if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
-        raise InputError(f"training data: {path} ({role}) is {reader.GetDimension()}D with "
+        raise InputError(f"{source}: {path} ({role}) is {reader.GetDimension()}D with "
                          f"{reader.GetNumberOfComponents()} components per voxel; training needs 3D "
                          "scalar volumes")
 
@@ -137,7 +139,7 @@ class FileSource:
             raise InputError(f"{path}: need at least two images to make training pairs")
         for entry in self.entries:  # headers only: a file that cannot train fails here, not mid-run
             for role, file in entry.items():
-                _check_header(file, role)
+                check_header(file, role)
         self.shape, self.spacing, self.normalization = tuple(shape), tuple(spacing), normalization
         self.path = str(path)
 

@@ -29,6 +29,8 @@ import torch
 from EOIRRegistrationLib.core import geometry, spatial
 from EOIRRegistrationLib.core.errors import InputError
 from EOIRRegistrationLib.core.intensity import normalize, window_of
+from EOIRRegistrationLib.core.nifti_data import data_problem
+from EOIRRegistrationLib.training.data import check_header
 from EOIRRegistrationLib.training.synthetic import SyntheticConfig, _uniform, smooth_noise
 
 EXTRA_CEREBRAL_FIRST_LABEL = 500
@@ -97,14 +99,11 @@ class LabelMapSource:
     def _load_aligned(self, files) -> list[torch.Tensor]:
         maps = []
         for path in files:
-            try:
-                image = sitk.ReadImage(str(path))
-            except RuntimeError as exc:
-                raise InputError(f"labelmaps: {path} is not an image file ITK can read") from exc
-            if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-                raise InputError(f"labelmaps: {path} is {image.GetDimension()}D with "
-                                 f"{image.GetNumberOfComponentsPerPixel()} components per voxel; "
-                                 "label maps are 3D scalar volumes")
+            check_header(str(path), "label map", source="labelmaps")
+            problem = data_problem(str(path))  # ITK would read a truncated map's rest as label 0
+            if problem:
+                raise InputError(f"labelmaps: {path} {problem}")
+            image = sitk.ReadImage(str(path))
             grid = geometry.Grid.from_image(image)
             # Resample to the working spacing in the map's own frame (nearest neighbour).
             size = [int(round(n * s / self.spacing)) for n, s in zip(grid.size, grid.spacing)]
